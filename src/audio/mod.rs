@@ -1,0 +1,3 @@
+//! Audio outputs.
+
+pub mod wav;

@@ -1,0 +1,180 @@
+//! Command-line interface: argument parsing and dispatch. Each command lives in its own module.
+
+mod bench;
+mod dev;
+mod say;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Device};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::model::{LoadOptions, Voxtral, DEFAULT_MAX_POSITIONS};
+
+/// The official model repository on the Hugging Face hub.
+pub const MODEL_REPO: &str = "mistralai/Voxtral-4B-TTS-2603";
+
+#[derive(Parser)]
+#[command(
+    name = "voxtrald",
+    version,
+    about = "Local speech synthesis with Voxtral TTS"
+)]
+pub struct Cli {
+    /// Log more (-v info, -vv debug); VOXTRALD_LOG / RUST_LOG override.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Synthesize speech from text (argument or stdin) to a WAV file.
+    Say(say::SayArgs),
+    /// List the preset voices of a model with their languages.
+    Voices {
+        #[command(flatten)]
+        model: ModelArgs,
+    },
+    /// Measure load, prefill, per-frame and first-audio times.
+    Bench(bench::BenchArgs),
+    /// Model-developer commands (stable contract for reference comparisons).
+    #[command(subcommand)]
+    Dev(dev::DevCommand),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ComputeDtype {
+    F32,
+    Bf16,
+}
+
+/// Where and how to load the model.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Checkpoint directory in the official layout (params.json, consolidated.safetensors,
+    /// tekken.json, voice_embedding/). Default: $VOXTRALD_MODEL, else the user cache.
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<PathBuf>,
+    /// auto, cpu, cuda or cuda:N (auto = first CUDA device when built with `cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Compute dtype.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: ComputeDtype,
+    /// Context limit in positions (prompt plus frames).
+    #[arg(long, default_value_t = DEFAULT_MAX_POSITIONS)]
+    pub max_positions: usize,
+}
+
+/// Default checkpoint location: `$XDG_CACHE_HOME/voxtrald/models/<repo>` (`~/.cache/...`).
+pub fn default_model_dir() -> PathBuf {
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from(".cache"));
+    cache.join("voxtrald").join("models").join(MODEL_REPO)
+}
+
+pub fn parse_device(s: &str) -> anyhow::Result<Device> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        "auto" => Ok(Device::cuda_if_available(0).unwrap_or(Device::Cpu)),
+        s if s == "cuda" || s.starts_with("cuda:") => {
+            let n: usize = s
+                .strip_prefix("cuda:")
+                .map(|n| n.parse())
+                .transpose()
+                .with_context(|| format!("bad device {s:?}"))?
+                .unwrap_or(0);
+            if !candle_core::utils::cuda_is_available() {
+                bail!("device {s}: this voxtrald was built without CUDA support (build with --features cuda)");
+            }
+            Device::new_cuda(n).with_context(|| format!("cannot open CUDA device {n}"))
+        }
+        other => bail!("unknown device {other:?} (expected auto, cpu, cuda or cuda:N)"),
+    }
+}
+
+impl ModelArgs {
+    pub fn dir(&self) -> PathBuf {
+        self.model
+            .clone()
+            .or_else(|| std::env::var_os("VOXTRALD_MODEL").map(PathBuf::from))
+            .unwrap_or_else(default_model_dir)
+    }
+
+    pub fn load_options(&self) -> anyhow::Result<LoadOptions> {
+        Ok(LoadOptions {
+            device: parse_device(&self.device)?,
+            dtype: match self.dtype {
+                ComputeDtype::F32 => DType::F32,
+                ComputeDtype::Bf16 => DType::BF16,
+            },
+            max_positions: self.max_positions,
+        })
+    }
+
+    pub fn load(&self) -> anyhow::Result<Voxtral> {
+        let dir = self.dir();
+        if !dir.join(crate::model::checkpoint::PARAMS_FILE).exists() {
+            bail!(
+                "no model at {}: download {MODEL_REPO} from the Hugging Face hub into that directory \
+                 (e.g. `huggingface-cli download {MODEL_REPO} --local-dir {}`), or pass --model DIR",
+                dir.display(),
+                dir.display()
+            );
+        }
+        let opts = self.load_options()?;
+        let model = Voxtral::load(&dir, &opts)?;
+        tracing::info!(secs = model.load_timings.total_s, "model ready");
+        Ok(model)
+    }
+}
+
+fn init_tracing(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = std::env::var("VOXTRALD_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or_else(|_| default.to_string());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Say(a) => say::run(a),
+        Command::Voices { model } => {
+            let m = model.load()?;
+            for v in m.voices() {
+                println!("{:<18} {}", v.name, v.language);
+            }
+            Ok(())
+        }
+        Command::Bench(a) => bench::run(a),
+        Command::Dev(d) => dev::run(d),
+    }
+}
+
+/// Entry point of the `voxtrald` binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.verbose);
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("voxtrald: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

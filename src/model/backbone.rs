@@ -1,0 +1,194 @@
+//! The Ministral-style causal decoder: prompt embeddings in, final-normed hidden states out.
+//! Weights are Mistral-native, so RoPE rotates interleaved pairs (`rope_i`).
+
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::kv_cache::KvCache;
+use candle_nn::{Embedding, VarBuilder};
+
+use super::config::ModelConfig;
+use super::nn::{attention, causal_mask, AttentionProj, FeedForward, RmsNorm};
+
+/// Grows the per-request KV cache in steps of this many positions.
+const KV_GROW: usize = 256;
+
+struct Layer {
+    attention_norm: RmsNorm,
+    attention: AttentionProj,
+    ffn_norm: RmsNorm,
+    feed_forward: FeedForward,
+}
+
+/// Per-utterance state: one KV cache per layer. Dropping it frees the memory.
+pub struct BackboneCache {
+    layers: Vec<KvCache>,
+    len: usize,
+}
+
+impl BackboneCache {
+    /// Positions already in the cache.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+pub struct Backbone {
+    tok_embeddings: Embedding,
+    audio_embeddings: Tensor,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    cos: Tensor,
+    sin: Tensor,
+    max_positions: usize,
+    /// Row offset of each codebook in the shared audio-code table.
+    code_offsets: Vec<u32>,
+    dim: usize,
+}
+
+impl Backbone {
+    /// `max_positions` bounds prompt plus frames; RoPE tables are built for exactly that many.
+    pub fn load(vb: VarBuilder, cfg: &ModelConfig, max_positions: usize) -> Result<Self> {
+        let d = cfg.dim;
+        let mm = vb.pp("mm_audio_embeddings");
+        let tok = mm.get((cfg.vocab_size, d), "tok_embeddings.weight")?;
+        let audio_embeddings = mm.get_unchecked("audio_codebook_embeddings.embeddings.weight")?;
+        let mut layers = Vec::with_capacity(cfg.n_layers);
+        for i in 0..cfg.n_layers {
+            let vb = vb.pp("layers").pp(i);
+            layers.push(Layer {
+                attention_norm: RmsNorm::load(vb.pp("attention_norm"), d, cfg.norm_eps)?,
+                attention: AttentionProj::load(
+                    vb.pp("attention"),
+                    d,
+                    cfg.n_heads,
+                    cfg.n_kv_heads,
+                    cfg.head_dim,
+                )?,
+                ffn_norm: RmsNorm::load(vb.pp("ffn_norm"), d, cfg.norm_eps)?,
+                feed_forward: FeedForward::load(vb.pp("feed_forward"), d, cfg.hidden_dim)?,
+            });
+        }
+        let norm = RmsNorm::load(vb.pp("norm"), d, cfg.norm_eps)?;
+        let (cos, sin) = rope_tables(cfg.head_dim, cfg.rope_theta, max_positions, vb.device())?;
+        let lay = cfg.layout();
+        let a = cfg.audio();
+        let mut code_offsets = vec![0u32];
+        for k in 1..lay.codes_per_frame {
+            code_offsets
+                .push((lay.semantic_vocab + (k - 1) * (a.acoustic_codebook_size + 2)) as u32);
+        }
+        Ok(Self {
+            tok_embeddings: Embedding::new(tok, d),
+            audio_embeddings,
+            layers,
+            norm,
+            cos: cos.to_dtype(vb.dtype())?,
+            sin: sin.to_dtype(vb.dtype())?,
+            max_positions,
+            code_offsets,
+            dim: d,
+        })
+    }
+
+    pub fn max_positions(&self) -> usize {
+        self.max_positions
+    }
+
+    pub fn new_cache(&self) -> BackboneCache {
+        BackboneCache {
+            layers: (0..self.layers.len())
+                .map(|_| KvCache::new(2, KV_GROW))
+                .collect(),
+            len: 0,
+        }
+    }
+
+    /// Token embeddings `[n, dim]`.
+    pub fn embed_tokens(&self, ids: &Tensor) -> Result<Tensor> {
+        self.tok_embeddings.forward(ids)
+    }
+
+    /// The next step's input for a generated frame: the sum of its codes' embeddings, each code
+    /// (with its +2 offset) addressed at its codebook's row offset. Returns `[1, dim]`.
+    pub fn embed_frame(&self, codes: &[u32]) -> Result<Tensor> {
+        let rows: Vec<u32> = codes
+            .iter()
+            .zip(&self.code_offsets)
+            .map(|(c, o)| c + o)
+            .collect();
+        let idx = Tensor::new(rows.as_slice(), self.audio_embeddings.device())?;
+        self.audio_embeddings
+            .index_select(&idx, 0)?
+            .to_dtype(DType::F32)?
+            .sum_keepdim(0)?
+            .to_dtype(self.audio_embeddings.dtype())
+    }
+
+    /// Runs `embeds` `[s, dim]` at the next positions of `cache`; returns normed `[s, dim]`.
+    /// Fails without touching the cache if the context limit would be passed.
+    pub fn forward(&self, cache: &mut BackboneCache, embeds: &Tensor) -> crate::Result<Tensor> {
+        let (s, _) = embeds.dims2()?;
+        let pos = cache.len;
+        if pos + s > self.max_positions {
+            return Err(crate::Error::ContextOverflow {
+                needed: pos + s,
+                limit: self.max_positions,
+            });
+        }
+        let cos = self.cos.narrow(0, pos, s)?;
+        let sin = self.sin.narrow(0, pos, s)?;
+        let mask = if s > 1 {
+            Some(causal_mask(s, pos, embeds.device())?)
+        } else {
+            None
+        };
+        let mut x = embeds.to_dtype(self.cos.dtype())?.unsqueeze(0)?;
+        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let a = layer.attention_norm.forward(&x)?;
+            let att = &layer.attention;
+            let q = att.split_heads(&att.wq.forward(&a)?, att.n_heads)?;
+            let k = att.split_heads(&att.wk.forward(&a)?, att.n_kv_heads)?;
+            let v = att.split_heads(&att.wv.forward(&a)?, att.n_kv_heads)?;
+            let q = candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?;
+            let k = candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?;
+            let (k, v) = kv.append(&k, &v)?;
+            let h = attention(&q, &k, &v, mask.as_ref())?;
+            x = (x + att.wo.forward(&h)?)?;
+            let b = layer.ffn_norm.forward(&x)?;
+            x = (&x + layer.feed_forward.forward(&b)?)?;
+        }
+        cache.len += s;
+        Ok(self.norm.forward(&x)?.squeeze(0)?)
+    }
+
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+}
+
+/// cos/sin `[positions, head_dim/2]` for interleaved RoPE, angles computed in f64.
+fn rope_tables(
+    head_dim: usize,
+    theta: f64,
+    positions: usize,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let half = head_dim / 2;
+    let mut cos = Vec::with_capacity(positions * half);
+    let mut sin = Vec::with_capacity(positions * half);
+    for p in 0..positions {
+        for i in 0..half {
+            let freq = theta.powf(-2.0 * i as f64 / head_dim as f64);
+            let a = p as f64 * freq;
+            cos.push(a.cos() as f32);
+            sin.push(a.sin() as f32);
+        }
+    }
+    Ok((
+        Tensor::from_vec(cos, (positions, half), device)?,
+        Tensor::from_vec(sin, (positions, half), device)?,
+    ))
+}

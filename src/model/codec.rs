@@ -1,0 +1,445 @@
+//! The Voxtral codec decoder: codes `[T, 37]` to `T * samples_per_frame` samples at 24 kHz.
+//! Every op is causal, so a chunk decoded with enough left context reproduces a full decode.
+//! Attention is computed in query blocks over the sliding window only, so memory grows
+//! linearly with the length of the utterance.
+
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+use super::config::{CodecStage, ModelConfig, END_AUDIO, SPECIAL_CODES};
+use super::flow::fsq_value;
+use super::nn::{attention, AttentionProj, FeedForward, RmsNorm};
+
+/// Queries per attention block; keys span the block plus the window.
+const QUERY_BLOCK: usize = 256;
+
+/// Frames of left context that make a chunk's samples equal a full decode. The receptive
+/// field of the official decoder is 21 frames; vLLM-Omni uses 25.
+pub const LEFT_CONTEXT_FRAMES: usize = 25;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Pad {
+    Replicate,
+    Reflect,
+}
+
+/// Weight-normalized conv: `W = g * v / |v|`, the norm taken per index of dim 0, in f32.
+fn fold_weight_norm(vb: &VarBuilder, g_shape: &[usize], v_shape: &[usize]) -> Result<Tensor> {
+    let vb = vb.pp("parametrizations").pp("weight");
+    let g = vb.get_with_hints_dtype(g_shape, "original0", Default::default(), DType::F32)?;
+    let v = vb.get_with_hints_dtype(v_shape, "original1", Default::default(), DType::F32)?;
+    let norm = v.sqr()?.sum_keepdim((1, 2))?.sqrt()?;
+    let w = v.broadcast_div(&norm)?.broadcast_mul(&g)?;
+    w.to_dtype(vb.dtype())
+}
+
+/// Stride-1 causal conv with `kernel - 1` samples of left padding.
+struct CausalConv {
+    weight: Tensor,
+    pad: Pad,
+}
+
+impl CausalConv {
+    fn load(vb: VarBuilder, c_in: usize, c_out: usize, k: usize, pad: Pad) -> Result<Self> {
+        let weight = fold_weight_norm(&vb.pp("conv"), &[c_out, 1, 1], &[c_out, c_in, k])?;
+        Ok(Self { weight, pad })
+    }
+
+    /// `[1, C, L]` to `[1, C_out, L]`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let p = self.weight.dim(2)? - 1;
+        let x = match self.pad {
+            Pad::Replicate => x.pad_with_same(2, p, 0)?,
+            Pad::Reflect => reflect_pad_left(x, p)?,
+        };
+        x.conv1d(&self.weight, 0, 1, 1, 1)
+    }
+}
+
+/// Mirror padding on the left without repeating the edge (`x_p .. x_1 | x_0 x_1 ..`). Inputs
+/// no longer than the pad are zero-extended on the right first, as the reference does.
+fn reflect_pad_left(x: &Tensor, p: usize) -> Result<Tensor> {
+    if p == 0 {
+        return Ok(x.clone());
+    }
+    let len = x.dim(2)?;
+    let extra = (p + 1).saturating_sub(len);
+    let x = if extra > 0 {
+        x.pad_with_zeros(2, 0, extra)?
+    } else {
+        x.clone()
+    };
+    let idx: Vec<u32> = (1..=p).rev().map(|i| i as u32).collect();
+    let idx = Tensor::new(idx.as_slice(), x.device())?;
+    let left = x.index_select(&idx, 2)?;
+    let y = Tensor::cat(&[&left, &x], 2)?;
+    y.narrow(2, 0, p + len)
+}
+
+/// Causal transposed conv: raw length `(L-1)*s + k`, the last `k - s` samples trimmed.
+struct CausalConvTranspose {
+    weight: Tensor,
+    stride: usize,
+}
+
+impl CausalConvTranspose {
+    fn load(vb: VarBuilder, c: usize, k: usize, stride: usize) -> Result<Self> {
+        // ConvTranspose1d stores [in, out, k]; weight norm's dim 0 is the input channel.
+        let weight = fold_weight_norm(&vb.pp("conv"), &[c, 1, 1], &[c, c, k])?;
+        Ok(Self { weight, stride })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let len = x.dim(2)?;
+        let y = x.conv_transpose1d(&self.weight, 0, 0, self.stride, 1, 1)?;
+        y.narrow(2, 0, len * self.stride)
+    }
+}
+
+struct CodecLayer {
+    attention_norm: RmsNorm,
+    attention: AttentionProj,
+    q_norm: RmsNorm,
+    k_norm: RmsNorm,
+    attention_scale: Tensor,
+    ffn_norm: RmsNorm,
+    feed_forward: FeedForward,
+    ffn_scale: Tensor,
+}
+
+struct CodecTransformer {
+    layers: Vec<CodecLayer>,
+    window: usize,
+}
+
+enum Block {
+    Conv(CausalConv),
+    ConvTranspose(CausalConvTranspose),
+    Transformer(CodecTransformer),
+}
+
+pub struct CodecDecoder {
+    /// `embedding_sum / max(cluster_usage, 1e-5)`, f32 `[codebook, semantic_dim]`.
+    semantic_codebook: Tensor,
+    blocks: Vec<Block>,
+    output_proj: CausalConv,
+    slopes: Vec<f32>,
+    semantic_size: usize,
+    levels: usize,
+    n_acoustic: usize,
+    patch: usize,
+    dtype: DType,
+    device: Device,
+}
+
+/// ALiBi slopes as in Mistral's codec: `2^(-8h/n)` for h = 0..n (starting at 1.0); for a
+/// head count that is not a power of two, the closest power's series followed by every other
+/// slope of the series for twice that many heads.
+pub fn alibi_slopes(n: usize) -> Vec<f32> {
+    fn pow2(n: usize) -> Vec<f64> {
+        let r = 2f64.powf(-8.0 / n as f64);
+        (0..n).map(|h| r.powi(h as i32)).collect()
+    }
+    let out = if n.is_power_of_two() {
+        pow2(n)
+    } else {
+        let p = 1usize << (usize::BITS - 1 - n.leading_zeros());
+        let mut s = pow2(p);
+        s.extend(pow2(2 * p).into_iter().step_by(2).take(n - p));
+        s
+    };
+    out.into_iter().map(|v| v as f32).collect()
+}
+
+impl CodecDecoder {
+    pub fn load(vb: VarBuilder, cfg: &ModelConfig, stages: &[CodecStage]) -> Result<Self> {
+        let c = cfg.codec();
+        let q = vb.pp("quantizer").pp("semantic_codebook");
+        let usage = q.get_with_hints_dtype(
+            c.semantic_codebook_size,
+            "cluster_usage",
+            Default::default(),
+            DType::F32,
+        )?;
+        let sum = q.get_with_hints_dtype(
+            (c.semantic_codebook_size, c.semantic_dim),
+            "embedding_sum",
+            Default::default(),
+            DType::F32,
+        )?;
+        let semantic_codebook = sum.broadcast_div(&usage.clamp(1e-5, f32::MAX)?.unsqueeze(1)?)?;
+        let latent = c.semantic_dim + c.acoustic_dim;
+        let mut blocks = Vec::new();
+        for (i, st) in stages.iter().enumerate() {
+            let vb = vb.pp("decoder_blocks");
+            blocks.push(if i == 0 {
+                Block::Conv(CausalConv::load(
+                    vb.pp(0),
+                    latent,
+                    c.dim,
+                    st.kernel,
+                    Pad::Replicate,
+                )?)
+            } else {
+                Block::ConvTranspose(CausalConvTranspose::load(
+                    vb.pp(2 * i),
+                    c.dim,
+                    st.kernel,
+                    st.stride,
+                )?)
+            });
+            let mut layers = Vec::new();
+            for l in 0..st.layers {
+                let vb = vb.pp(2 * i + 1).pp("layers").pp(l);
+                let inner = c.n_heads * c.head_dim;
+                let inner_kv = c.n_kv_heads * c.head_dim;
+                let va = vb.pp("attention");
+                layers.push(CodecLayer {
+                    attention_norm: RmsNorm::load(vb.pp("attention_norm"), c.dim, c.norm_eps)?,
+                    attention: AttentionProj::load(
+                        va.clone(),
+                        c.dim,
+                        c.n_heads,
+                        c.n_kv_heads,
+                        c.head_dim,
+                    )?,
+                    q_norm: RmsNorm::load(va.pp("q_norm"), inner, c.qk_norm_eps)?,
+                    k_norm: RmsNorm::load(va.pp("k_norm"), inner_kv, c.qk_norm_eps)?,
+                    attention_scale: vb.get(c.dim, "attention_scale")?,
+                    ffn_norm: RmsNorm::load(vb.pp("ffn_norm"), c.dim, c.norm_eps)?,
+                    feed_forward: FeedForward::load(vb.pp("feed_forward"), c.dim, c.hidden_dim)?,
+                    ffn_scale: vb.get(c.dim, "ffn_scale")?,
+                });
+            }
+            blocks.push(Block::Transformer(CodecTransformer {
+                layers,
+                window: st.window,
+            }));
+        }
+        let patch = c.pretransform_patch_size * c.channels;
+        let output_proj = CausalConv::load(
+            vb.pp("output_proj"),
+            c.dim,
+            patch,
+            c.patch_proj_kernel_size,
+            Pad::Reflect,
+        )?;
+        Ok(Self {
+            semantic_codebook,
+            blocks,
+            output_proj,
+            slopes: alibi_slopes(c.n_heads),
+            semantic_size: c.semantic_codebook_size,
+            levels: c.acoustic_codebook_size,
+            n_acoustic: c.acoustic_dim,
+            patch,
+            dtype: vb.dtype(),
+            device: vb.device().clone(),
+        })
+    }
+
+    pub fn codes_per_frame(&self) -> usize {
+        1 + self.n_acoustic
+    }
+
+    /// Checks model-side codes (with the +2 offset) and returns how many frames precede the
+    /// first `[END_AUDIO]` frame.
+    pub fn valid_frames(&self, frames: &[Vec<u32>]) -> crate::Result<usize> {
+        let bad = |m: String| crate::Error::InvalidCodes(m);
+        for (t, f) in frames.iter().enumerate() {
+            if f.len() != self.codes_per_frame() {
+                return Err(bad(format!(
+                    "frame {t} has {} codes, expected {}",
+                    f.len(),
+                    self.codes_per_frame()
+                )));
+            }
+            if f[0] == END_AUDIO {
+                return Ok(t);
+            }
+            let off = SPECIAL_CODES as u32;
+            if f[0] < off || f[0] >= off + self.semantic_size as u32 {
+                return Err(bad(format!(
+                    "frame {t}: semantic code {} out of range",
+                    f[0]
+                )));
+            }
+            if let Some((j, c)) = f[1..]
+                .iter()
+                .enumerate()
+                .find(|(_, &c)| c < off || c >= off + self.levels as u32)
+            {
+                return Err(bad(format!(
+                    "frame {t}: acoustic code {} = {c} out of range",
+                    j + 1
+                )));
+            }
+        }
+        Ok(frames.len())
+    }
+
+    /// Dequantized latent `[1, semantic_dim + acoustic_dim, T]`.
+    fn latent(&self, frames: &[Vec<u32>]) -> Result<Tensor> {
+        let off = SPECIAL_CODES as u32;
+        let sem: Vec<u32> = frames.iter().map(|f| f[0] - off).collect();
+        let sem = Tensor::new(sem.as_slice(), &self.device)?;
+        let sem = self.semantic_codebook.index_select(&sem, 0)?; // [T, sd]
+        let ac: Vec<f32> = frames
+            .iter()
+            .flat_map(|f| f[1..].iter().map(|&c| fsq_value(c - off, self.levels)))
+            .collect();
+        let ac = Tensor::from_vec(ac, (frames.len(), self.n_acoustic), &self.device)?;
+        Tensor::cat(&[&sem, &ac], 1)?
+            .t()?
+            .unsqueeze(0)?
+            .to_dtype(self.dtype)
+    }
+
+    /// Decodes validated frames to samples. `stages`, when given, receives each block's output
+    /// (channels last) for debugging.
+    pub fn decode_frames(
+        &self,
+        frames: &[Vec<u32>],
+        mut stages: Option<&mut Vec<Tensor>>,
+    ) -> crate::Result<Vec<f32>> {
+        let n = self.valid_frames(frames)?;
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let mut x = self.latent(&frames[..n])?; // [1, C, L]
+        for block in &self.blocks {
+            x = match block {
+                Block::Conv(c) => c.forward(&x)?,
+                Block::ConvTranspose(c) => c.forward(&x)?,
+                Block::Transformer(t) => {
+                    let y = self.transformer(t, &x.transpose(1, 2)?.contiguous()?)?;
+                    y.transpose(1, 2)?.contiguous()?
+                }
+            };
+            if let Some(s) = stages.as_deref_mut() {
+                s.push(x.squeeze(0)?.t()?.to_dtype(DType::F32)?);
+            }
+        }
+        let y = self.output_proj.forward(&x)?; // [1, patch, L]
+        let y = y.squeeze(0)?.t()?.to_dtype(DType::F32)?; // [L, patch]
+        if let Some(s) = stages {
+            s.push(y.clone());
+        }
+        Ok(y.flatten_all()?.to_vec1()?)
+    }
+
+    /// `x` `[1, L, dim]` through one stage's layers.
+    fn transformer(&self, t: &CodecTransformer, x: &Tensor) -> Result<Tensor> {
+        let mut x = x.clone();
+        for layer in &t.layers {
+            let a = layer.attention_norm.forward(&x)?;
+            let att = &layer.attention;
+            let q = layer.q_norm.forward(&att.wq.forward(&a)?)?;
+            let k = layer.k_norm.forward(&att.wk.forward(&a)?)?;
+            let v = att.wv.forward(&a)?;
+            let q = att.split_heads(&q, att.n_heads)?;
+            let k = att.split_heads(&k, att.n_kv_heads)?;
+            let v = att.split_heads(&v, att.n_kv_heads)?;
+            let h = self.windowed_attention(&q, &k, &v, t.window)?;
+            let h = att.wo.forward(&h)?.broadcast_mul(&layer.attention_scale)?;
+            x = (x + h)?;
+            let b = layer.ffn_norm.forward(&x)?;
+            let f = layer
+                .feed_forward
+                .forward(&b)?
+                .broadcast_mul(&layer.ffn_scale)?;
+            x = (x + f)?;
+        }
+        Ok(x)
+    }
+
+    /// Causal sliding-window attention with ALiBi: query `i` sees keys `i - window ..= i`, with
+    /// bias `slope_h * (j - i)`. Computed block by block so no `L x L` matrix is ever built.
+    fn windowed_attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        window: usize,
+    ) -> Result<Tensor> {
+        let len = q.dim(2)?;
+        let mut outs = Vec::with_capacity(len.div_ceil(QUERY_BLOCK));
+        let mut s0 = 0;
+        while s0 < len {
+            let s1 = (s0 + QUERY_BLOCK).min(len);
+            let k0 = s0.saturating_sub(window);
+            let bias = self.alibi_bias(s0, s1, k0, window)?;
+            let qb = q.narrow(2, s0, s1 - s0)?;
+            let kb = k.narrow(2, k0, s1 - k0)?;
+            let vb = v.narrow(2, k0, s1 - k0)?;
+            outs.push(attention(&qb, &kb, &vb, Some(&bias))?);
+            s0 = s1;
+        }
+        Tensor::cat(&outs, 1)
+    }
+
+    /// Bias `[H, s1-s0, s1-k0]` for queries `s0..s1` over keys `k0..s1`.
+    fn alibi_bias(&self, s0: usize, s1: usize, k0: usize, window: usize) -> Result<Tensor> {
+        let (nq, nk) = (s1 - s0, s1 - k0);
+        let mut b = Vec::with_capacity(self.slopes.len() * nq * nk);
+        for &m in &self.slopes {
+            for i in s0..s1 {
+                for j in k0..s1 {
+                    b.push(if j <= i && i - j <= window {
+                        -m * (i - j) as f32
+                    } else {
+                        f32::NEG_INFINITY
+                    });
+                }
+            }
+        }
+        Tensor::from_vec(b, (self.slopes.len(), nq, nk), &self.device)
+    }
+
+    pub fn samples_per_frame(&self) -> usize {
+        let up: usize = self
+            .blocks
+            .iter()
+            .map(|b| match b {
+                Block::ConvTranspose(c) => c.stride,
+                _ => 1,
+            })
+            .product();
+        up * self.patch
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn official_alibi_slopes_start_at_one() {
+        let s = alibi_slopes(8);
+        assert_eq!(
+            s,
+            vec![1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125, 0.015625, 0.0078125]
+        );
+        assert_eq!(alibi_slopes(4), vec![1.0, 0.25, 0.0625, 0.015625]);
+        // 6 heads: the 4-head series, then slopes 0 and 2 of the 8-head series.
+        assert_eq!(
+            alibi_slopes(6),
+            vec![1.0, 0.25, 0.0625, 0.015625, 1.0, 0.25]
+        );
+    }
+
+    #[test]
+    fn reflect_pad_mirrors_without_edge() -> Result<()> {
+        let x = Tensor::new(&[[[0f32, 1., 2., 3., 4., 5., 6., 7.]]], &Device::Cpu)?;
+        let y = reflect_pad_left(&x, 3)?;
+        assert_eq!(
+            y.flatten_all()?.to_vec1::<f32>()?,
+            vec![3., 2., 1., 0., 1., 2., 3., 4., 5., 6., 7.]
+        );
+        // Shorter than the pad: zero-extend on the right, reflect, drop the extension.
+        let x = Tensor::new(&[[[1f32, 2.]]], &Device::Cpu)?;
+        let y = reflect_pad_left(&x, 3)?;
+        assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, vec![0., 0., 2., 1., 2.]);
+        Ok(())
+    }
+}

@@ -1,0 +1,239 @@
+//! The acoustic head: a greedy semantic code from the backbone state, then 36 acoustic values
+//! from a flow-matching ODE (explicit Euler, classifier-free guidance), quantized by FSQ.
+
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::{linear_no_bias, Linear, VarBuilder};
+
+use super::config::{ModelConfig, END_AUDIO, SPECIAL_CODES};
+use super::nn::{argmax_in, attention, AttentionProj, FeedForward, RmsNorm};
+
+struct Layer {
+    attention_norm: RmsNorm,
+    attention: AttentionProj,
+    ffn_norm: RmsNorm,
+    feed_forward: FeedForward,
+}
+
+/// Intermediate values of one frame's ODE, for parity checks.
+#[derive(Debug, Default, Clone)]
+pub struct FlowTrace {
+    pub t: Vec<f32>,
+    pub x_in: Vec<Vec<f32>>,
+    pub v_cond: Vec<Vec<f32>>,
+    pub v_uncond: Vec<Vec<f32>>,
+    pub x_final: Vec<f32>,
+}
+
+pub struct AcousticHead {
+    input_projection: Linear,
+    llm_projection: Linear,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    acoustic_codebook_output: Linear,
+    /// Kept in f32 on every device: bf16 ties flip the argmax.
+    semantic_codebook_output: Tensor,
+    /// `time_projection(temb(i/K))` for each Euler step, `[K, dim]`.
+    step_times: Tensor,
+    steps: usize,
+    semantic_vocab: usize,
+    levels: usize,
+    n_acoustic: usize,
+    noise_scale: f32,
+    dtype: DType,
+}
+
+/// Sinusoidal time embedding, cos half first, `t` in [0, 1].
+pub fn time_embedding(t: f32, dim: usize) -> Vec<f32> {
+    let half = dim / 2;
+    let mut out = vec![0f32; dim];
+    for j in 0..half {
+        let inv_freq = (-(10000f32.ln()) * j as f32 / half as f32).exp();
+        let a = t * inv_freq;
+        out[j] = a.cos();
+        out[half + j] = a.sin();
+    }
+    out
+}
+
+/// FSQ: clamp to [-1, 1], map to `levels` steps, round half to even, add the special offset.
+pub fn fsq_code(x: f32, levels: usize) -> u32 {
+    let y = if x.is_nan() { 0.0 } else { x.clamp(-1.0, 1.0) };
+    let k = ((y + 1.0) / 2.0 * (levels - 1) as f32).round_ties_even();
+    k as u32 + SPECIAL_CODES as u32
+}
+
+/// Inverse of [`fsq_code`] without the offset: level `k` to its value in [-1, 1].
+pub fn fsq_value(k: u32, levels: usize) -> f32 {
+    k as f32 * 2.0 / (levels - 1) as f32 - 1.0
+}
+
+impl AcousticHead {
+    pub fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+        let f = cfg.flow();
+        let a = cfg.audio();
+        let d = f.dim;
+        let mut layers = Vec::with_capacity(f.n_layers);
+        for i in 0..f.n_layers {
+            let vb = vb.pp("layers").pp(i);
+            layers.push(Layer {
+                attention_norm: RmsNorm::load(vb.pp("attention_norm"), d, f.norm_eps)?,
+                attention: AttentionProj::load(
+                    vb.pp("attention"),
+                    d,
+                    f.n_heads,
+                    f.n_kv_heads,
+                    f.head_dim,
+                )?,
+                ffn_norm: RmsNorm::load(vb.pp("ffn_norm"), d, f.norm_eps)?,
+                feed_forward: FeedForward::load(vb.pp("feed_forward"), d, f.hidden_dim)?,
+            });
+        }
+        let time_projection = linear_no_bias(d, d, vb.pp("time_projection"))?;
+        let steps = f.n_decoding_steps;
+        let mut temb = Vec::with_capacity(steps * d);
+        for i in 0..steps {
+            temb.extend(time_embedding(i as f32 / steps as f32, d));
+        }
+        let temb = Tensor::from_vec(temb, (steps, d), vb.device())?.to_dtype(vb.dtype())?;
+        let step_times = time_projection.forward(&temb)?;
+        Ok(Self {
+            input_projection: linear_no_bias(a.n_acoustic_codebook, d, vb.pp("input_projection"))?,
+            llm_projection: linear_no_bias(f.input_dim, d, vb.pp("llm_projection"))?,
+            layers,
+            norm: RmsNorm::load(vb.pp("norm"), d, f.norm_eps)?,
+            acoustic_codebook_output: linear_no_bias(
+                d,
+                a.n_acoustic_codebook,
+                vb.pp("acoustic_codebook_output"),
+            )?,
+            semantic_codebook_output: vb
+                .get_unchecked_dtype("semantic_codebook_output.weight", DType::F32)?,
+            step_times,
+            steps,
+            semantic_vocab: a.semantic_codebook_size + SPECIAL_CODES,
+            levels: a.acoustic_codebook_size,
+            n_acoustic: a.n_acoustic_codebook,
+            noise_scale: f.sigma_max as f32,
+            dtype: vb.dtype(),
+        })
+    }
+
+    pub fn n_acoustic(&self) -> usize {
+        self.n_acoustic
+    }
+
+    pub fn noise_scale(&self) -> f32 {
+        self.noise_scale
+    }
+
+    pub fn device(&self) -> &Device {
+        self.step_times.device()
+    }
+
+    /// Unmasked semantic logits (all padded rows) for `h` `[dim]`, in f32.
+    pub fn semantic_logits(&self, h: &Tensor) -> Result<Vec<f32>> {
+        let h = h.to_dtype(DType::F32)?.unsqueeze(0)?;
+        h.matmul(&self.semantic_codebook_output.t()?)?
+            .squeeze(0)?
+            .to_vec1()
+    }
+
+    /// Greedy semantic code (with the +2 offset): `[EMPTY_AUDIO]` and padding rows are masked,
+    /// `[END_AUDIO]` (1) is allowed.
+    pub fn semantic_code(&self, logits: &[f32]) -> u32 {
+        argmax_in(logits, 1..self.semantic_vocab.min(logits.len())).unwrap_or(END_AUDIO as usize)
+            as u32
+    }
+
+    /// Velocities for a batch of ODE states `x` `[n, A]` at step `i`, conditioned on the
+    /// projected backbone states `c` `[n, dim]`; returns `[n, A]` in f32.
+    fn velocity(&self, x: &Tensor, step: usize, c: &Tensor) -> Result<Tensor> {
+        let n = x.dim(0)?;
+        let d = c.dim(1)?;
+        let x_tok = self.input_projection.forward(&x.to_dtype(self.dtype)?)?;
+        let t_tok = self.step_times.narrow(0, step, 1)?.broadcast_as((n, d))?;
+        // Three tokens per row: noisy acoustic vector, time, backbone state.
+        let mut z = Tensor::stack(&[&x_tok, &t_tok.contiguous()?, c], 1)?;
+        for layer in &self.layers {
+            let a = layer.attention_norm.forward(&z)?;
+            let att = &layer.attention;
+            let q = att.split_heads(&att.wq.forward(&a)?, att.n_heads)?;
+            let k = att.split_heads(&att.wk.forward(&a)?, att.n_kv_heads)?;
+            let v = att.split_heads(&att.wv.forward(&a)?, att.n_kv_heads)?;
+            let h = attention(&q, &k, &v, None)?;
+            z = (z + att.wo.forward(&h)?)?;
+            let b = layer.ffn_norm.forward(&z)?;
+            z = (&z + layer.feed_forward.forward(&b)?)?;
+        }
+        let tok0 = self.norm.forward(&z.narrow(1, 0, 1)?.squeeze(1)?)?;
+        self.acoustic_codebook_output
+            .forward(&tok0)?
+            .to_dtype(DType::F32)
+    }
+
+    /// Integrates the ODE from `noise` for one frame and returns the acoustic values before
+    /// quantization. Conditional and unconditional (zero state) rows run as one batch of two.
+    pub fn integrate(
+        &self,
+        h: &Tensor,
+        noise: &[f32],
+        cfg_alpha: f32,
+        mut trace: Option<&mut FlowTrace>,
+    ) -> Result<Vec<f32>> {
+        let dev = self.device();
+        let c = self
+            .llm_projection
+            .forward(&h.to_dtype(self.dtype)?.unsqueeze(0)?)?;
+        let c = Tensor::cat(&[&c, &c.zeros_like()?], 0)?;
+        let mut x: Vec<f32> = noise.to_vec();
+        let dt = 1.0 / self.steps as f32;
+        for i in 0..self.steps {
+            let xt = Tensor::from_slice(&x, (1, self.n_acoustic), dev)?;
+            let v = self.velocity(&xt.repeat((2, 1))?, i, &c)?;
+            let v_c: Vec<f32> = v.get(0)?.to_vec1()?;
+            let v_u: Vec<f32> = v.get(1)?.to_vec1()?;
+            if let Some(t) = trace.as_deref_mut() {
+                t.t.push(i as f32 / self.steps as f32);
+                t.x_in.push(x.clone());
+                t.v_cond.push(v_c.clone());
+                t.v_uncond.push(v_u.clone());
+            }
+            for j in 0..x.len() {
+                x[j] += dt * (cfg_alpha * v_c[j] + (1.0 - cfg_alpha) * v_u[j]);
+            }
+        }
+        if let Some(t) = trace {
+            t.x_final = x.clone();
+        }
+        Ok(x)
+    }
+
+    /// Acoustic codes (with the +2 offset) for integrated values.
+    pub fn quantize(&self, x: &[f32]) -> Vec<u32> {
+        x.iter().map(|&v| fsq_code(v, self.levels)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fsq_levels_round_trip() {
+        for k in 0..21u32 {
+            assert_eq!(fsq_code(fsq_value(k, 21), 21), k + 2);
+        }
+        assert_eq!(fsq_code(5.0, 21), 22);
+        assert_eq!(fsq_code(-5.0, 21), 2);
+        // Exact halves (5 levels: -0.75 -> 0.5, -0.25 -> 1.5, 0.25 -> 2.5) round to even.
+        assert_eq!(fsq_code(-0.75, 5), 2);
+        assert_eq!(fsq_code(-0.25, 5), 4);
+        assert_eq!(fsq_code(0.25, 5), 4);
+    }
+
+    #[test]
+    fn time_embedding_at_zero_is_cos_ones_then_zeros() {
+        let e = time_embedding(0.0, 8);
+        assert_eq!(e, vec![1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]);
+    }
+}

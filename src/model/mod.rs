@@ -1,0 +1,454 @@
+//! Voxtral TTS: the checkpoint, the three networks, and the frame-by-frame generation loop.
+
+pub mod backbone;
+pub mod checkpoint;
+pub mod codec;
+pub mod config;
+pub mod flow;
+pub mod nn;
+pub mod noise;
+pub mod prompt;
+pub mod random;
+pub mod stream;
+pub mod voice;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{Error, Result};
+use crate::tokenizer::Tekken;
+use backbone::{Backbone, BackboneCache};
+use checkpoint::{Weights, PARAMS_FILE, TOKENIZER_FILE, VOICE_DIR, WEIGHTS_FILE};
+use codec::CodecDecoder;
+use config::{ModelConfig, END_AUDIO};
+use flow::{AcousticHead, FlowTrace};
+use noise::NoiseSource;
+use prompt::PromptTokens;
+
+/// Official serving limits: 4096 positions (prompt plus frames), 2048 frames.
+pub const DEFAULT_MAX_POSITIONS: usize = 4096;
+pub const DEFAULT_MAX_FRAMES: usize = 2048;
+pub const DEFAULT_CFG_ALPHA: f32 = 1.2;
+
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub device: Device,
+    /// Compute dtype: F32 (exact, default on CPU) or BF16.
+    pub dtype: DType,
+    pub max_positions: usize,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            device: Device::Cpu,
+            dtype: DType::F32,
+            max_positions: DEFAULT_MAX_POSITIONS,
+        }
+    }
+}
+
+/// One preset voice as the checkpoint describes it.
+#[derive(Debug, Clone)]
+pub struct VoiceInfo {
+    pub name: String,
+    pub language: &'static str,
+    /// `[AUDIO]` rows from `tekken.json`, if listed there.
+    pub rows: Option<usize>,
+    pub path: PathBuf,
+}
+
+/// The language of a preset voice, from its name (`fr_male`, `casual_female`, ...).
+pub fn voice_language(name: &str) -> &'static str {
+    match name.split('_').next().unwrap_or("") {
+        "fr" => "fr",
+        "es" => "es",
+        "de" => "de",
+        "it" => "it",
+        "pt" => "pt",
+        "nl" => "nl",
+        "ar" => "ar",
+        "hi" => "hi",
+        _ => "en",
+    }
+}
+
+/// How long each part of loading took, for benchmarks.
+#[derive(Debug, Clone, Default)]
+pub struct LoadTimings {
+    pub total_s: f64,
+}
+
+pub struct Voxtral {
+    dir: PathBuf,
+    config: ModelConfig,
+    tokenizer: Tekken,
+    prompt_tokens: PromptTokens,
+    backbone: Backbone,
+    head: AcousticHead,
+    codec: CodecDecoder,
+    voices: BTreeMap<String, VoiceInfo>,
+    voice_cache: Mutex<BTreeMap<String, Arc<Tensor>>>,
+    device: Device,
+    dtype: DType,
+    pub load_timings: LoadTimings,
+}
+
+/// A tokenized prompt and its input embeddings `[P, dim]`.
+pub struct Prompt {
+    pub ids: Vec<u32>,
+    pub embeddings: Tensor,
+}
+
+impl Voxtral {
+    /// Loads a checkpoint directory in the official layout. Every file and tensor is checked
+    /// before any weight is converted.
+    pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        let start = Instant::now();
+        let params = dir.join(PARAMS_FILE);
+        let config = ModelConfig::from_file(&params)?;
+        let stages = config.codec_stages(&params)?;
+        let weights = Weights::open(&dir.join(WEIGHTS_FILE), &config)?;
+        let tokenizer = Tekken::from_file(&dir.join(TOKENIZER_FILE))?;
+        let prompt_tokens = PromptTokens::from_tokenizer(&tokenizer)?;
+        let a = config.audio();
+        if prompt_tokens.audio != a.audio_token_id
+            || prompt_tokens.begin_audio != a.begin_audio_token_id
+            || prompt_tokens.bos != config.multimodal.bos_token_id
+        {
+            return Err(Error::Tokenizer {
+                path: tokenizer.path().into(),
+                reason: "special token ids disagree with params.json (audio_token_id, begin_audio_token_id, bos_token_id)".into(),
+            });
+        }
+        let mut voices = BTreeMap::new();
+        let names = config
+            .codec()
+            .voice
+            .keys()
+            .chain(tokenizer.voice_rows().keys());
+        for name in names {
+            voices.entry(name.clone()).or_insert_with(|| VoiceInfo {
+                name: name.clone(),
+                language: voice_language(name),
+                rows: tokenizer.voice_rows().get(name).copied(),
+                path: dir.join(VOICE_DIR).join(format!("{name}.pt")),
+            });
+        }
+        tracing::info!(
+            dir = %dir.display(),
+            layers = config.n_layers,
+            dim = config.dim,
+            dtype = ?opts.dtype,
+            device = ?opts.device,
+            "loading model"
+        );
+        let vb = weights.into_var_builder(opts.dtype, &opts.device);
+        let t = Instant::now();
+        let backbone = Backbone::load(vb.clone(), &config, opts.max_positions)?;
+        tracing::info!(secs = t.elapsed().as_secs_f64(), "backbone loaded");
+        let t = Instant::now();
+        let head = AcousticHead::load(vb.pp("acoustic_transformer"), &config)?;
+        tracing::info!(secs = t.elapsed().as_secs_f64(), "acoustic head loaded");
+        let t = Instant::now();
+        let codec = CodecDecoder::load(vb.pp("audio_tokenizer"), &config, &stages)?;
+        tracing::info!(secs = t.elapsed().as_secs_f64(), "codec decoder loaded");
+        Ok(Self {
+            dir: dir.into(),
+            config,
+            tokenizer,
+            prompt_tokens,
+            backbone,
+            head,
+            codec,
+            voices,
+            voice_cache: Mutex::new(BTreeMap::new()),
+            device: opts.device.clone(),
+            dtype: opts.dtype,
+            load_timings: LoadTimings {
+                total_s: start.elapsed().as_secs_f64(),
+            },
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+    pub fn tokenizer(&self) -> &Tekken {
+        &self.tokenizer
+    }
+    pub fn backbone(&self) -> &Backbone {
+        &self.backbone
+    }
+    pub fn head(&self) -> &AcousticHead {
+        &self.head
+    }
+    pub fn codec(&self) -> &CodecDecoder {
+        &self.codec
+    }
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    pub fn sample_rate(&self) -> u32 {
+        self.config.codec().sampling_rate
+    }
+    pub fn samples_per_frame(&self) -> usize {
+        self.codec.samples_per_frame()
+    }
+    pub fn voices(&self) -> impl Iterator<Item = &VoiceInfo> {
+        self.voices.values()
+    }
+
+    /// The voice's rows `[rows, dim]` (f32), read once and checked against `tekken.json`.
+    pub fn voice(&self, name: &str) -> Result<Arc<Tensor>> {
+        if let Some(t) = self
+            .voice_cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+        {
+            return Ok(t.clone());
+        }
+        let info = self.voices.get(name).ok_or_else(|| Error::UnknownVoice {
+            voice: name.into(),
+            available: self.voices.keys().cloned().collect::<Vec<_>>().join(", "),
+        })?;
+        let rows = voice::read_voice_file(&info.path, name, self.config.dim)?;
+        let n = rows.dim(0)?;
+        let expected = info.rows.ok_or_else(|| Error::Voice {
+            path: self.tokenizer.path().into(),
+            voice: name.into(),
+            reason: "not listed in audio.voice_num_audio_tokens".into(),
+        })?;
+        if n != expected {
+            return Err(Error::VoiceRows {
+                path: info.path.clone(),
+                voice: name.into(),
+                rows: n,
+                expected,
+            });
+        }
+        let t = Arc::new(rows.to_device(&self.device)?);
+        self.voice_cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.into(), t.clone());
+        Ok(t)
+    }
+
+    /// Tokenizes `text` alone.
+    pub fn encode_text(&self, text: &str) -> Vec<u32> {
+        self.tokenizer.encode(text)
+    }
+
+    /// The full speech prompt ids for `voice` and `text`.
+    pub fn prompt_ids(&self, voice: &str, text: &str) -> Result<Vec<u32>> {
+        if text.trim().is_empty() {
+            return Err(Error::EmptyText);
+        }
+        let rows = self.voice(voice)?.dim(0)?;
+        Ok(self.prompt_tokens.build(rows, &self.encode_text(text)))
+    }
+
+    /// Prompt ids and embeddings, the voice rows placed at the `[AUDIO]` positions in order.
+    pub fn prompt(&self, voice: &str, text: &str) -> Result<Prompt> {
+        let ids = self.prompt_ids(voice, text)?;
+        let needed = ids.len() + 1;
+        if needed > self.backbone.max_positions() {
+            return Err(Error::ContextOverflow {
+                needed,
+                limit: self.backbone.max_positions(),
+            });
+        }
+        let rows = self.voice(voice)?;
+        let ids_t = Tensor::new(ids.as_slice(), &self.device)?;
+        let tok = self.backbone.embed_tokens(&ids_t)?.to_dtype(DType::F32)?;
+        // Splice: text rows before the first [AUDIO], voice rows, then the rest.
+        let first = ids
+            .iter()
+            .position(|&i| i == self.prompt_tokens.audio)
+            .unwrap_or(ids.len());
+        let n = rows.dim(0)?;
+        let mut parts = vec![tok.narrow(0, 0, first)?];
+        if n > 0 {
+            parts.push((*rows).clone());
+        }
+        parts.push(tok.narrow(0, first + n, ids.len() - first - n)?);
+        let embeddings = Tensor::cat(&parts, 0)?;
+        Ok(Prompt { ids, embeddings })
+    }
+
+    /// Starts generating speech for a prompt: runs the prefill and returns the frame stepper.
+    pub fn start<'m>(
+        &'m self,
+        prompt: &Prompt,
+        noise: Box<dyn NoiseSource + 'm>,
+        opts: &GenerateOptions,
+    ) -> Result<Generation<'m>> {
+        let t = Instant::now();
+        let mut cache = self.backbone.new_cache();
+        let hidden = self.backbone.forward(&mut cache, &prompt.embeddings)?;
+        let p = hidden.dim(0)?;
+        let h = hidden.get(p - 1)?;
+        Ok(Generation {
+            timings: StepTimings {
+                prefill: t.elapsed(),
+                ..Default::default()
+            },
+            model: self,
+            cache,
+            h: Some(h),
+            pending: None,
+            frames: 0,
+            max_frames: opts.max_frames,
+            cfg_alpha: opts.cfg_alpha,
+            noise,
+            finished: None,
+        })
+    }
+
+    /// Decodes model-side frames (with the +2 offset) in one pass.
+    pub fn decode(&self, frames: &[Vec<u32>]) -> Result<Vec<f32>> {
+        self.codec.decode_frames(frames, None)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    pub max_frames: usize,
+    pub cfg_alpha: f32,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        Self {
+            max_frames: DEFAULT_MAX_FRAMES,
+            cfg_alpha: DEFAULT_CFG_ALPHA,
+        }
+    }
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    EndOfAudio,
+    MaxFrames,
+    ContextLimit,
+}
+
+/// One generated frame: 37 codes with the +2 offset, and the backbone state that produced it.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    pub codes: Vec<u32>,
+    pub hidden: Tensor,
+}
+
+/// Time spent in each network so far, for benchmarks and logs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StepTimings {
+    pub prefill: std::time::Duration,
+    /// Backbone steps (one per frame after the first).
+    pub backbone: std::time::Duration,
+    pub backbone_steps: usize,
+    /// Semantic head and flow-matching ODE.
+    pub flow: std::time::Duration,
+}
+
+/// Frame-by-frame generation for one utterance; owns its KV cache, which is freed on drop.
+pub struct Generation<'m> {
+    pub timings: StepTimings,
+    model: &'m Voxtral,
+    cache: BackboneCache,
+    h: Option<Tensor>,
+    pending: Option<Vec<u32>>,
+    frames: usize,
+    max_frames: usize,
+    cfg_alpha: f32,
+    noise: Box<dyn NoiseSource + 'm>,
+    finished: Option<StopReason>,
+}
+
+impl Generation<'_> {
+    pub fn frames(&self) -> usize {
+        self.frames
+    }
+
+    pub fn stop_reason(&self) -> Option<StopReason> {
+        self.finished
+    }
+
+    /// Positions used by prompt and frames so far.
+    pub fn positions(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// The next frame, or `None` once generation has ended. Ending before the first frame is
+    /// [`Error::NoAudio`].
+    pub fn next_frame(&mut self) -> Result<Option<Frame>> {
+        self.next_frame_traced(None)
+    }
+
+    pub fn next_frame_traced(&mut self, trace: Option<&mut FlowTrace>) -> Result<Option<Frame>> {
+        if self.finished.is_some() {
+            return Ok(None);
+        }
+        if self.frames >= self.max_frames {
+            self.finished = Some(StopReason::MaxFrames);
+            return Ok(None);
+        }
+        let m = self.model;
+        if let Some(codes) = self.pending.take() {
+            let t = Instant::now();
+            let x = m.backbone.embed_frame(&codes)?;
+            let step = m.backbone.forward(&mut self.cache, &x);
+            self.timings.backbone += t.elapsed();
+            self.timings.backbone_steps += 1;
+            match step {
+                Ok(h) => self.h = Some(h.squeeze(0)?),
+                Err(Error::ContextOverflow { .. }) => {
+                    self.finished = Some(StopReason::ContextLimit);
+                    return Ok(None);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let Some(h) = self.h.take() else {
+            return Ok(None);
+        };
+        let t = Instant::now();
+        let logits = m.head.semantic_logits(&h)?;
+        let semantic = m.head.semantic_code(&logits);
+        if semantic == END_AUDIO {
+            self.finished = Some(StopReason::EndOfAudio);
+            if self.frames == 0 {
+                return Err(Error::NoAudio);
+            }
+            return Ok(None);
+        }
+        let scale = m.head.noise_scale();
+        let noise: Vec<f32> = self
+            .noise
+            .frame(self.frames, m.head.n_acoustic())?
+            .into_iter()
+            .map(|v| v * scale)
+            .collect();
+        let x = m.head.integrate(&h, &noise, self.cfg_alpha, trace)?;
+        self.timings.flow += t.elapsed();
+        let mut codes = Vec::with_capacity(1 + x.len());
+        codes.push(semantic);
+        codes.extend(m.head.quantize(&x));
+        self.frames += 1;
+        self.pending = Some(codes.clone());
+        Ok(Some(Frame { codes, hidden: h }))
+    }
+}

@@ -1,0 +1,165 @@
+//! Building blocks shared by the three networks: RMSNorm with f32 statistics, the SwiGLU
+//! feed-forward, and grouped-query attention.
+
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::{linear_no_bias, Linear, VarBuilder};
+
+/// RMSNorm whose reduction always runs in f32, whatever the activation dtype.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    pub fn load(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        let weight = vb.get_with_hints_dtype(dim, "weight", Default::default(), DType::F32)?;
+        Ok(Self {
+            weight,
+            eps: eps as f32,
+        })
+    }
+
+    pub fn from_weight(weight: Tensor, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: weight.to_dtype(DType::F32)?,
+            eps: eps as f32,
+        })
+    }
+}
+
+impl Module for RmsNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let x = x.to_dtype(DType::F32)?.contiguous()?;
+        let y = candle_nn::ops::rms_norm(&x, &self.weight, self.eps)?;
+        y.to_dtype(dtype)
+    }
+}
+
+/// `w2(silu(w1 x) * w3 x)`.
+#[derive(Debug, Clone)]
+pub struct FeedForward {
+    w1: Linear,
+    w2: Linear,
+    w3: Linear,
+}
+
+impl FeedForward {
+    pub fn load(vb: VarBuilder, dim: usize, hidden: usize) -> Result<Self> {
+        Ok(Self {
+            w1: linear_no_bias(dim, hidden, vb.pp("w1"))?,
+            w2: linear_no_bias(hidden, dim, vb.pp("w2"))?,
+            w3: linear_no_bias(dim, hidden, vb.pp("w3"))?,
+        })
+    }
+}
+
+impl Module for FeedForward {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = candle_nn::ops::silu(&self.w1.forward(x)?)?;
+        self.w2.forward(&(gate * self.w3.forward(x)?)?)
+    }
+}
+
+/// The four projections of a Mistral attention block (`attention.wq/wk/wv/wo`).
+#[derive(Debug, Clone)]
+pub struct AttentionProj {
+    pub wq: Linear,
+    pub wk: Linear,
+    pub wv: Linear,
+    pub wo: Linear,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl AttentionProj {
+    pub fn load(
+        vb: VarBuilder,
+        dim: usize,
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+    ) -> Result<Self> {
+        Ok(Self {
+            wq: linear_no_bias(dim, n_heads * head_dim, vb.pp("wq"))?,
+            wk: linear_no_bias(dim, n_kv_heads * head_dim, vb.pp("wk"))?,
+            wv: linear_no_bias(dim, n_kv_heads * head_dim, vb.pp("wv"))?,
+            wo: linear_no_bias(n_heads * head_dim, dim, vb.pp("wo"))?,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+        })
+    }
+
+    /// `[b, s, heads*hd]` to `[b, heads, s, hd]`, contiguous.
+    pub fn split_heads(&self, x: &Tensor, heads: usize) -> Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        x.reshape((b, s, heads, self.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()
+    }
+}
+
+/// Grouped-query attention. `q` is `[b, H, S, D]`, `k`/`v` are `[b, KV, T, D]` (they may be
+/// narrowed views of a larger cache). `bias`, added to the scaled scores, is `[S, T]` (shared by
+/// all heads) or `[H, S, T]`. Query heads are grouped per kv head instead of repeating K/V, so
+/// the cache is never copied. Scores and softmax run in f32. Returns `[b, S, H*D]`.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let (b, h, s, d) = q.dims4()?;
+    let (_, kv, t, _) = k.dims4()?;
+    let rep = h / kv;
+    let dtype = q.dtype();
+    let scale = 1.0 / (d as f64).sqrt();
+    let q = q.reshape((b, kv, rep * s, d))?;
+    let scores = (q.matmul(&k.t()?)?.to_dtype(DType::F32)? * scale)?;
+    let scores = match bias {
+        None => scores,
+        Some(bias) => {
+            let scores = scores.reshape((b, kv, rep, s, t))?;
+            let bias = match bias.rank() {
+                2 => bias.reshape((1, 1, 1, s, t))?,
+                _ => bias.reshape((1, kv, rep, s, t))?,
+            };
+            scores.broadcast_add(&bias)?.reshape((b, kv, rep * s, t))?
+        }
+    };
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
+    let out = probs.matmul(v)?; // [b, kv, rep*s, d]
+    out.reshape((b, h, s, d))?
+        .transpose(1, 2)?
+        .reshape((b, s, h * d))
+}
+
+/// `-inf` where a key is in the future of its query; queries start at `offset`.
+pub fn causal_mask(s: usize, offset: usize, device: &candle_core::Device) -> Result<Tensor> {
+    let t = offset + s;
+    let mask: Vec<f32> = (0..s)
+        .flat_map(|i| {
+            (0..t).map(move |j| {
+                if j > offset + i {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect();
+    Tensor::from_vec(mask, (s, t), device)
+}
+
+/// Index of the largest value (first on ties) among `allowed`; NaNs never win.
+pub fn argmax_in(values: &[f32], allowed: std::ops::Range<usize>) -> Option<usize> {
+    let mut best: Option<(usize, f32)> = None;
+    for i in allowed {
+        let v = *values.get(i)?;
+        if v.is_nan() {
+            continue;
+        }
+        if best.is_none_or(|(_, b)| v > b) {
+            best = Some((i, v));
+        }
+    }
+    best.map(|(i, _)| i)
+}
