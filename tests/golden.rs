@@ -16,7 +16,12 @@ const VOICE: &str = "casual_male";
 #[test]
 fn prompt_ids_match_mistral_common() {
     let m = model();
-    let ids: Vec<i64> = m.prompt_ids(VOICE, TEXT).unwrap().iter().map(|&i| i as i64).collect();
+    let ids: Vec<i64> = m
+        .prompt_ids(VOICE, TEXT)
+        .unwrap()
+        .iter()
+        .map(|&i| i as i64)
+        .collect();
     assert_eq!(ids, golden_i64("prompt_ids"));
     let text: Vec<i64> = m.encode_text(TEXT).iter().map(|&i| i as i64).collect();
     assert_eq!(text, golden_i64("prompt_text_ids"));
@@ -25,10 +30,9 @@ fn prompt_ids_match_mistral_common() {
 #[test]
 fn tokenizer_cases_match_exactly() {
     let m = model();
-    let cases: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(golden_dir().join("tokenizer_cases.json")).unwrap(),
-    )
-    .unwrap();
+    let cases: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(golden_dir().join("tokenizer_cases.json")).unwrap())
+            .unwrap();
     let cases = cases.as_array().unwrap();
     assert!(cases.len() >= 8);
     for case in cases {
@@ -40,8 +44,11 @@ fn tokenizer_cases_match_exactly() {
             got
         } else {
             let req = &case["speech_request"];
-            m.prompt_ids(req["voice"].as_str().unwrap(), req["input"].as_str().unwrap())
-                .unwrap()
+            m.prompt_ids(
+                req["voice"].as_str().unwrap(),
+                req["input"].as_str().unwrap(),
+            )
+            .unwrap()
         };
         assert_eq!(got, want, "case {case}");
     }
@@ -67,8 +74,17 @@ fn backbone_prefill_and_semantic_head() {
         0.0,
     );
     let mut cache = m.backbone().new_cache();
-    let hidden = m.backbone().forward(&mut cache, &prompt.embeddings).unwrap();
-    assert_close("backbone_hidden", &flat(&hidden), &golden_f32("backbone_hidden"), 1e-4, 1e-4);
+    let hidden = m
+        .backbone()
+        .forward(&mut cache, &prompt.embeddings)
+        .unwrap();
+    assert_close(
+        "backbone_hidden",
+        &flat(&hidden),
+        &golden_f32("backbone_hidden"),
+        1e-4,
+        1e-4,
+    );
     let last = hidden.get(hidden.dim(0).unwrap() - 1).unwrap();
     assert_close(
         "backbone_last_hidden",
@@ -78,7 +94,13 @@ fn backbone_prefill_and_semantic_head() {
         1e-4,
     );
     let logits = m.head().semantic_logits(&last).unwrap();
-    assert_close("semantic_logits", &logits, &golden_f32("semantic_logits"), 1e-4, 1e-4);
+    assert_close(
+        "semantic_logits",
+        &logits,
+        &golden_f32("semantic_logits"),
+        1e-4,
+        1e-4,
+    );
     assert_eq!(
         m.head().semantic_code(&logits) as i64,
         golden_i64("semantic_code")[0]
@@ -128,13 +150,30 @@ fn flow_matching_frames() {
     let m = model();
     for case in ["last_noise", "last_zero", "rand_noise"] {
         let g = |k: &str| golden_f32(&format!("ac_{case}_{k}"));
-        let h = golden(&format!("ac_{case}_hidden")).to_dtype(DType::F32).unwrap();
+        let h = golden(&format!("ac_{case}_hidden"))
+            .to_dtype(DType::F32)
+            .unwrap();
         let mut trace = FlowTrace::default();
-        let x = m.head().integrate(&h, &g("noise"), 1.2, Some(&mut trace)).unwrap();
+        let x = m
+            .head()
+            .integrate(&h, &g("noise"), 1.2, Some(&mut trace))
+            .unwrap();
         let flat2 = |v: &Vec<Vec<f32>>| v.iter().flatten().copied().collect::<Vec<f32>>();
         assert_close(&format!("{case} t"), &trace.t, &g("t"), 1e-4, 0.0);
-        assert_close(&format!("{case} x_in"), &flat2(&trace.x_in), &g("x_in"), 1e-4, 1e-4);
-        assert_close(&format!("{case} v_cond"), &flat2(&trace.v_cond), &g("v_cond"), 1e-4, 1e-4);
+        assert_close(
+            &format!("{case} x_in"),
+            &flat2(&trace.x_in),
+            &g("x_in"),
+            1e-4,
+            1e-4,
+        );
+        assert_close(
+            &format!("{case} v_cond"),
+            &flat2(&trace.v_cond),
+            &g("v_cond"),
+            1e-4,
+            1e-4,
+        );
         assert_close(
             &format!("{case} v_uncond"),
             &flat2(&trace.v_uncond),
@@ -154,7 +193,8 @@ fn flow_matching_frames() {
                 // Allowed only where the reference sits within 1e-3 of a rounding boundary.
                 let pos = (xf[j - 1].clamp(-1.0, 1.0) + 1.0) / 2.0 * 20.0;
                 assert!(
-                    (pos - pos.floor() - 0.5).abs() < 1e-3 && (codes[j] as i64 - want[j]).abs() == 1,
+                    (pos - pos.floor() - 0.5).abs() < 1e-3
+                        && (codes[j] as i64 - want[j]).abs() == 1,
                     "{case} acoustic code {j}: {} vs {}",
                     codes[j],
                     want[j]
@@ -169,8 +209,21 @@ fn codec_decoder_matches_reference_with_official_alibi() {
     let m = model();
     let frames = frames_from("codec_codes", false);
     assert_eq!(frames.len(), 12);
-    let latent = m.codec().latent(&frames).unwrap().squeeze(0).unwrap().t().unwrap();
-    assert_close("codec_latent", &flat(&latent), &golden_f32("codec_latent"), 1e-3, 0.0);
+    let latent = m
+        .codec()
+        .latent(&frames)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .t()
+        .unwrap();
+    assert_close(
+        "codec_latent",
+        &flat(&latent),
+        &golden_f32("codec_latent"),
+        1e-3,
+        0.0,
+    );
     let mut stages = Vec::new();
     let wave = m.codec().decode_frames(&frames, Some(&mut stages)).unwrap();
     assert_eq!(stages.len(), 9);
@@ -196,7 +249,9 @@ fn generation_loop_with_injected_noise() {
         max_frames: 6,
         cfg_alpha: 1.2,
     };
-    let mut gen = m.start(&prompt, Box::new(InjectedNoise::new(noise)), &opts).unwrap();
+    let mut gen = m
+        .start(&prompt, Box::new(InjectedNoise::new(noise)), &opts)
+        .unwrap();
     let mut frames = Vec::new();
     let mut hidden = Vec::new();
     while let Some(f) = gen.next_frame().unwrap() {
@@ -207,7 +262,13 @@ fn generation_loop_with_injected_noise() {
     assert_eq!(got, golden_i64("gen_codes"), "gen_codes must match exactly");
     assert_close("gen_hidden", &hidden, &golden_f32("gen_hidden"), 1e-4, 1e-4);
     let wave = m.decode(&frames).unwrap();
-    assert_close("gen_waveform", &wave, &golden_f32("gen_waveform"), 1e-3, 1e-3);
+    assert_close(
+        "gen_waveform",
+        &wave,
+        &golden_f32("gen_waveform"),
+        1e-3,
+        1e-3,
+    );
 }
 
 fn stream(frames: &[Vec<u32>], schedule: ChunkSchedule) -> (Vec<f32>, Vec<usize>) {
@@ -267,7 +328,11 @@ fn codec_is_causal() {
     frames[30][5] = 2 + (frames[30][5] + 7) % 21;
     let b = m.decode(&frames).unwrap();
     let cut = 30 * 1920;
-    assert_eq!(&a[..cut], &b[..cut], "samples before the changed frame moved");
+    assert_eq!(
+        &a[..cut],
+        &b[..cut],
+        "samples before the changed frame moved"
+    );
     assert!(max_abs_diff(&a[cut..], &b[cut..]) > 0.0);
 }
 
@@ -280,7 +345,13 @@ fn codec_stops_at_end_frame_and_rejects_bad_codes() {
     assert_eq!(m.decode(&frames).unwrap().len(), 3 * 1920);
     let mut bad = random_frames(2, 1);
     bad[1][4] = 23;
-    assert!(matches!(m.decode(&bad), Err(voxtrald::Error::InvalidCodes(_))));
+    assert!(matches!(
+        m.decode(&bad),
+        Err(voxtrald::Error::InvalidCodes(_))
+    ));
     bad[1].pop();
-    assert!(matches!(m.decode(&bad), Err(voxtrald::Error::InvalidCodes(_))));
+    assert!(matches!(
+        m.decode(&bad),
+        Err(voxtrald::Error::InvalidCodes(_))
+    ));
 }

@@ -370,7 +370,13 @@ impl CodecDecoder {
     /// bias `slope_h * (j - i)`. Each query gathers exactly its own `window + 1` keys, so its
     /// result does not depend on where a decode starts (streamed chunks reproduce a full
     /// decode bit for bit) and memory stays linear in the length.
-    fn windowed_attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, window: usize) -> Result<Tensor> {
+    fn windowed_attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        window: usize,
+    ) -> Result<Tensor> {
         let (b, h, len, d) = q.dims4()?;
         let kv = k.dim(1)?;
         let expand = |t: &Tensor| -> Result<Tensor> {

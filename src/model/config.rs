@@ -335,18 +335,18 @@ impl ModelConfig {
             ("acoustic transformer", f.n_heads, f.n_kv_heads, f.head_dim),
             ("codec", c.n_heads, c.n_kv_heads, c.head_dim),
         ] {
-            if kv == 0 || heads % kv != 0 || hd == 0 {
+            if kv == 0 || !heads.is_multiple_of(kv) || hd == 0 {
                 return Err(unsupported(format!(
                     "{name}: n_heads {heads} must be a multiple of n_kv_heads {kv}"
                 )));
             }
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(unsupported(
                 "odd backbone head_dim (RoPE needs pairs)".into(),
             ));
         }
-        if self.dim % 2 != 0 {
+        if !self.dim.is_multiple_of(2) {
             return Err(unsupported(
                 "odd dim (the time embedding needs cos/sin halves)".into(),
             ));

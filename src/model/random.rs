@@ -276,19 +276,28 @@ pub fn torch_tensor_archive(root: &str, rows: usize, cols: usize, data_bf16: &[u
 
 /// Writes a complete random checkpoint directory for `preset`.
 pub fn write_random_checkpoint(dir: &Path, preset: Preset, seed: u64) -> Result<PathBuf> {
-    std::fs::create_dir_all(dir.join(VOICE_DIR)).map_err(|e| Error::io(dir, e))?;
-    let params = params_json(preset);
-    let params_path = dir.join(PARAMS_FILE);
-    write_atomic(&params_path, |w| {
-        serde_json::to_writer_pretty(&mut *w, &params).map_err(std::io::Error::other)
-    })?;
-    let cfg = ModelConfig::from_file(&params_path)?;
     let voice_rows: Vec<(&str, usize)> = RELEASE_VOICES
         .iter()
         .enumerate()
         .map(|(i, &(n, r))| (n, if preset == Preset::Tiny { 3 + i % 4 } else { r }))
         .collect();
-    let tekken = tekken_json(cfg.vocab_size, &voice_rows);
+    write_random_checkpoint_with(dir, &params_json(preset), &voice_rows, seed)
+}
+
+/// Writes a random checkpoint for any `params.json` and voice table.
+pub fn write_random_checkpoint_with(
+    dir: &Path,
+    params: &serde_json::Value,
+    voice_rows: &[(&str, usize)],
+    seed: u64,
+) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir.join(VOICE_DIR)).map_err(|e| Error::io(dir, e))?;
+    let params_path = dir.join(PARAMS_FILE);
+    write_atomic(&params_path, |w| {
+        serde_json::to_writer_pretty(&mut *w, params).map_err(std::io::Error::other)
+    })?;
+    let cfg = ModelConfig::from_file(&params_path)?;
+    let tekken = tekken_json(cfg.vocab_size, voice_rows);
     write_atomic(&dir.join(TOKENIZER_FILE), |w| {
         serde_json::to_writer(&mut *w, &tekken).map_err(std::io::Error::other)
     })?;
@@ -331,7 +340,7 @@ pub fn write_random_checkpoint(dir: &Path, preset: Preset, seed: u64) -> Result<
         Ok(())
     })?;
 
-    for (name, rows) in voice_rows {
+    for &(name, rows) in voice_rows {
         let mut data = Vec::new();
         write_bf16(&mut data, rows * cfg.dim, &mut rng, (0.0, 0.05))
             .map_err(|e| Error::io(dir, e))?;

@@ -71,7 +71,13 @@ pub fn flat(t: &Tensor) -> Vec<f32> {
 /// Asserts `|a - b| <= abs + rel * |b|` elementwise, reporting the worst element.
 #[track_caller]
 pub fn assert_close(name: &str, a: &[f32], b: &[f32], abs: f32, rel: f32) {
-    assert_eq!(a.len(), b.len(), "{name}: length {} vs {}", a.len(), b.len());
+    assert_eq!(
+        a.len(),
+        b.len(),
+        "{name}: length {} vs {}",
+        a.len(),
+        b.len()
+    );
     let mut worst = (0usize, 0f32);
     for (i, (x, y)) in a.iter().zip(b).enumerate() {
         let excess = (x - y).abs() - (abs + rel * y.abs());
@@ -90,7 +96,10 @@ pub fn assert_close(name: &str, a: &[f32], b: &[f32], abs: f32, rel: f32) {
 }
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// Golden codes as frames (`[n, 37]` rows).
@@ -106,9 +115,13 @@ pub fn frames_from(key: &str, rows_are_frames: bool) -> Vec<Vec<u32>> {
 
 /// Deterministic pseudo-random valid frames (semantic 2..8193, acoustic 2..22).
 pub fn random_frames(n: usize, seed: u64) -> Vec<Vec<u32>> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     let mut next = move |m: u32| {
-        s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((s >> 33) % m as u64) as u32
     };
     (0..n)
@@ -130,8 +143,11 @@ pub fn scratch_copy() -> tempfile::TempDir {
     std::fs::create_dir(dir.path().join("voice_embedding")).unwrap();
     for e in std::fs::read_dir(src.join("voice_embedding")).unwrap() {
         let e = e.unwrap();
-        std::os::unix::fs::symlink(e.path(), dir.path().join("voice_embedding").join(e.file_name()))
-            .unwrap();
+        std::os::unix::fs::symlink(
+            e.path(),
+            dir.path().join("voice_embedding").join(e.file_name()),
+        )
+        .unwrap();
     }
     dir
 }

@@ -1,0 +1,331 @@
+//! The `voxtrald` binary: say, voices and the dev commands, including bad input.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+use candle_core::{DType, Tensor};
+use common::*;
+
+fn voxtrald(args: &[&str]) -> Output {
+    run_with_stdin(args, None)
+}
+
+fn run_with_stdin(args: &[&str], stdin: Option<&[u8]>) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_voxtrald"))
+        .args(args)
+        .env("RUST_BACKTRACE", "0")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    if let Some(bytes) = stdin {
+        input.write_all(bytes).unwrap();
+    }
+    drop(input);
+    child.wait_with_output().unwrap()
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+fn fails_with(out: &Output, needle: &str) {
+    assert!(!out.status.success(), "should have failed");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(needle), "stderr lacks {needle:?}: {err}");
+    assert!(!err.contains("panicked"), "panic: {err}");
+}
+
+fn fixture() -> String {
+    fixture_dir().to_string_lossy().into_owned()
+}
+
+#[test]
+fn say_writes_a_24khz_mono_wav_atomically() {
+    let dir = tempfile::tempdir().unwrap();
+    let wav = dir.path().join("out.wav");
+    let out = voxtrald(&[
+        "say",
+        "--model",
+        &fixture(),
+        "--voice",
+        "fr_female",
+        "--max-frames",
+        "7",
+        "--out",
+        wav.to_str().unwrap(),
+        "Bonjour tout le monde.",
+    ]);
+    let stdout = ok(&out);
+    assert!(stdout.contains("7 frames"), "{stdout}");
+    assert!(stdout.contains("real-time factor"), "{stdout}");
+    let r = hound::WavReader::open(&wav).unwrap();
+    let spec = r.spec();
+    assert_eq!(
+        (spec.channels, spec.sample_rate, spec.bits_per_sample),
+        (1, 24000, 16)
+    );
+    assert_eq!(r.len(), 7 * 1920);
+    // Only the WAV is left in the directory: no temporary files.
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+}
+
+#[test]
+fn say_reads_stdin_and_rejects_bad_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let wav = dir.path().join("s.wav");
+    let w = wav.to_str().unwrap();
+    let base = [
+        "say",
+        "--model",
+        &fixture(),
+        "--max-frames",
+        "3",
+        "--format",
+        "float32",
+        "--out",
+        w,
+    ];
+    let out = run_with_stdin(&base, Some("From standard input.".as_bytes()));
+    ok(&out);
+    let r = hound::WavReader::open(&wav).unwrap();
+    assert_eq!(r.spec().bits_per_sample, 32);
+    assert_eq!(r.len(), 3 * 1920);
+
+    std::fs::remove_file(&wav).unwrap();
+    fails_with(
+        &run_with_stdin(&base, Some(b"caf\xe9 \xff")),
+        "not valid UTF-8",
+    );
+    fails_with(&run_with_stdin(&base, Some(b"  \n")), "empty");
+    let mut args = base.to_vec();
+    args.extend(["--voice", "nobody"]);
+    args.push("Hello");
+    fails_with(&voxtrald(&args), "unknown voice `nobody`");
+    assert!(!wav.exists(), "no file is written on failure");
+}
+
+#[test]
+fn missing_model_gives_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = voxtrald(&[
+        "say",
+        "--model",
+        dir.path().to_str().unwrap(),
+        "--out",
+        "/tmp/x.wav",
+        "Hello",
+    ]);
+    fails_with(&out, "no model at");
+}
+
+#[test]
+fn voices_lists_names_and_languages() {
+    let out = ok(&voxtrald(&["voices", "--model", &fixture()]));
+    assert_eq!(out.lines().count(), 20);
+    assert!(out
+        .lines()
+        .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["de_female", "de"]));
+}
+
+#[test]
+fn dev_tokenize_prints_ids() {
+    let out = ok(&voxtrald(&[
+        "dev",
+        "tokenize",
+        "--model",
+        &fixture(),
+        "Hello world.",
+    ]));
+    assert_eq!(out.trim(), "[22177,4304,1046]");
+    let out = ok(&voxtrald(&[
+        "dev",
+        "tokenize",
+        "--model",
+        &fixture(),
+        "--voice",
+        "casual_male",
+        "Hello world.",
+    ]));
+    assert_eq!(out.trim(), "[1,25,24,24,24,24,36,22177,4304,1046,35,25]");
+}
+
+#[test]
+fn dev_prefill_flow_generate_and_decode_match_golden() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n).to_string_lossy().into_owned();
+    let read = |f: &str| -> std::collections::HashMap<String, Tensor> {
+        Tensor::read_npz(p(f)).unwrap().into_iter().collect()
+    };
+    let v = |t: &Tensor| flat(t);
+
+    ok(&voxtrald(&[
+        "dev",
+        "prefill",
+        "--model",
+        &fixture(),
+        "--voice",
+        "casual_male",
+        "--text",
+        "Hello world.",
+        "--out",
+        &p("prefill.npz"),
+    ]));
+    let pre = read("prefill.npz");
+    for key in ["backbone_hidden", "backbone_last_hidden", "semantic_logits"] {
+        assert_close(key, &v(&pre[key]), &golden_f32(key), 1e-4, 1e-4);
+    }
+    assert_eq!(pre["prompt_ids"].dtype(), DType::I32);
+    assert_eq!(
+        pre["semantic_code"]
+            .to_dtype(DType::I64)
+            .unwrap()
+            .to_vec1::<i64>()
+            .unwrap(),
+        golden_i64("semantic_code")
+    );
+
+    golden("ac_rand_noise_hidden")
+        .write_npy(p("h.npy"))
+        .unwrap();
+    golden("ac_rand_noise_noise").write_npy(p("n.npy")).unwrap();
+    ok(&voxtrald(&[
+        "dev",
+        "flow",
+        "--model",
+        &fixture(),
+        "--hidden",
+        &p("h.npy"),
+        "--noise",
+        &p("n.npy"),
+        "--out",
+        &p("flow.npz"),
+    ]));
+    let fl = read("flow.npz");
+    assert_close(
+        "x_final",
+        &v(&fl["x_final"]),
+        &golden_f32("ac_rand_noise_x_final"),
+        1e-4,
+        1e-4,
+    );
+    assert_eq!(fl["codes"].dims(), &[37]);
+
+    golden("gen_noise").write_npy(p("noise.npy")).unwrap();
+    ok(&voxtrald(&[
+        "dev",
+        "generate",
+        "--model",
+        &fixture(),
+        "--voice",
+        "casual_male",
+        "--text",
+        "Hello world.",
+        "--noise",
+        &p("noise.npy"),
+        "--max-frames",
+        "6",
+        "--out",
+        &p("gen.npz"),
+    ]));
+    let g = read("gen.npz");
+    assert_eq!(g["gen_codes"].dims(), &[6, 37]);
+    let codes = g["gen_codes"]
+        .to_dtype(DType::I64)
+        .unwrap()
+        .flatten_all()
+        .unwrap();
+    assert_eq!(codes.to_vec1::<i64>().unwrap(), golden_i64("gen_codes"));
+    assert_close(
+        "gen_waveform",
+        &v(&g["gen_waveform"]),
+        &golden_f32("gen_waveform"),
+        1e-3,
+        1e-3,
+    );
+
+    // Codes as int64 [37, T]; both decoders.
+    golden("codec_codes")
+        .to_dtype(DType::I64)
+        .unwrap()
+        .write_npy(p("codes.npy"))
+        .unwrap();
+    let (fx, codes) = (fixture(), p("codes.npy"));
+    for streaming in [false, true] {
+        let mut args = vec!["dev", "decode", "--model", &fx, "--codes", &codes, "--out"];
+        let out = p(if streaming { "ws.npy" } else { "w.npy" });
+        args.push(&out);
+        if streaming {
+            args.push("--streaming");
+        }
+        ok(&voxtrald(&args));
+        let w = v(&Tensor::read_npy(&out).unwrap());
+        assert_close(
+            "codec_waveform",
+            &w,
+            &golden_f32("codec_waveform"),
+            1e-3,
+            1e-3,
+        );
+    }
+    // Bad codes: wrong row count.
+    Tensor::zeros((5, 3), DType::I32, &candle_core::Device::Cpu)
+        .unwrap()
+        .write_npy(p("bad.npy"))
+        .unwrap();
+    fails_with(
+        &voxtrald(&[
+            "dev",
+            "decode",
+            "--model",
+            &fixture(),
+            "--codes",
+            &p("bad.npy"),
+            "--out",
+            &p("x.npy"),
+        ]),
+        "expected 37",
+    );
+}
+
+#[test]
+fn random_tiny_checkpoint_round_trips() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("ck");
+    let ck = ck.to_str().unwrap();
+    ok(&voxtrald(&[
+        "dev",
+        "random-checkpoint",
+        "--preset",
+        "tiny",
+        "--out",
+        ck,
+        "--seed",
+        "3",
+    ]));
+    let wav = dir.path().join("r.wav");
+    let out = ok(&voxtrald(&[
+        "say",
+        "--model",
+        ck,
+        "--voice",
+        "neutral_female",
+        "--max-frames",
+        "4",
+        "--out",
+        wav.to_str().unwrap(),
+        "Random weights, real layout.",
+    ]));
+    assert!(out.contains("4 frames"), "{out}");
+    let voices = ok(&voxtrald(&["voices", "--model", ck]));
+    assert_eq!(voices.lines().count(), 20);
+}
