@@ -25,8 +25,16 @@ pub fn write_atomic(
         w.flush().map_err(|e| Error::io(path, e))?;
     }
     tmp.as_file().sync_all().map_err(|e| Error::io(path, e))?;
+    publish(tmp.path())?;
     tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
     Ok(())
+}
+
+/// Temporary files are created private (0600); what we publish is ordinary output (0644).
+pub fn publish(tmp: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(0o644))
+        .map_err(|e| Error::io(tmp, e))
 }
 
 /// Like [`write_atomic`] for writers that want a path (e.g. candle's npz writer).
@@ -35,17 +43,17 @@ pub fn write_atomic_path(path: &Path, f: impl FnOnce(&Path) -> Result<()>) -> Re
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
+    let suffix = path
+        .extension()
+        .map(|e| format!(".{}", e.to_string_lossy()))
+        .unwrap_or_default();
     let tmp = tempfile::Builder::new()
         .prefix(".voxtrald-")
-        .suffix(
-            &path
-                .extension()
-                .map(|e| format!(".{}", e.to_string_lossy()))
-                .unwrap_or_default(),
-        )
+        .suffix(&suffix)
         .tempfile_in(dir)
         .map_err(|e| Error::io(dir, e))?;
     f(tmp.path())?;
+    publish(tmp.path())?;
     tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
     Ok(())
 }

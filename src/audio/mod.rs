@@ -1,3 +1,5 @@
-//! Audio outputs.
+//! Audio outputs: WAV files, raw PCM, and the sound card.
 
+pub mod playback;
+pub mod resample;
 pub mod wav;

@@ -119,7 +119,8 @@ impl ModelArgs {
         })
     }
 
-    pub fn load(&self) -> anyhow::Result<Voxtral> {
+    /// A clear error when no checkpoint is at the model path.
+    pub fn check_present(&self) -> anyhow::Result<()> {
         let dir = self.dir();
         if !dir.join(crate::model::checkpoint::PARAMS_FILE).exists() {
             bail!(
@@ -129,6 +130,12 @@ impl ModelArgs {
                 dir.display()
             );
         }
+        Ok(())
+    }
+
+    pub fn load(&self) -> anyhow::Result<Voxtral> {
+        self.check_present()?;
+        let dir = self.dir();
         let opts = self.load_options()?;
         let model = Voxtral::load(&dir, &opts)?;
         tracing::info!(secs = model.load_timings.total_s, "model ready");

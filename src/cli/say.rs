@@ -1,17 +1,17 @@
-//! `voxtrald say`: text to a WAV file.
+//! `voxtrald say`: text to the speakers, a WAV file, or raw PCM on stdout.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::PathBuf;
-use std::time::Instant;
+use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::Args;
 
 use super::ModelArgs;
-use crate::audio::wav::{write_wav, WavFormat};
-use crate::model::noise::SeededNoise;
-use crate::model::stream::{ChunkSchedule, StreamingDecoder};
-use crate::model::{GenerateOptions, StopReason, DEFAULT_CFG_ALPHA, DEFAULT_MAX_FRAMES};
+use crate::audio::playback::Player;
+use crate::audio::wav::{to_i16, WavFormat, WavSink};
+use crate::engine::{Engine, EngineConfig, Event, Priority, SpeechRequest};
+use crate::model::{DEFAULT_CFG_ALPHA, DEFAULT_MAX_FRAMES};
 
 /// Largest text accepted in one request.
 pub const MAX_TEXT_BYTES: usize = 1 << 20;
@@ -23,16 +23,16 @@ pub struct SayArgs {
     /// Preset voice (see `voxtrald voices`).
     #[arg(long, default_value = "casual_male")]
     voice: String,
-    /// Output WAV file (24 kHz mono).
+    /// Write a WAV file (24 kHz mono) instead of playing; `-` writes raw s16le to stdout.
     #[arg(long, short)]
-    out: PathBuf,
+    out: Option<PathBuf>,
     /// Sample format of the WAV file.
     #[arg(long, value_enum, default_value = "pcm16")]
     format: WavFormat,
     /// Seed of the flow-matching noise (same seed, same text: same audio).
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Stop after this many 80 ms frames.
+    /// Stop each sentence after this many 80 ms frames.
     #[arg(long, default_value_t = DEFAULT_MAX_FRAMES)]
     max_frames: usize,
     /// Classifier-free guidance strength.
@@ -69,40 +69,89 @@ pub fn read_text(arg: Option<String>) -> anyhow::Result<String> {
     Ok(text)
 }
 
+/// Where the audio goes.
+enum Sink {
+    Wav(WavSink),
+    Raw(std::io::Stdout),
+    Play(Box<Player>),
+}
+
+impl Sink {
+    fn write(&mut self, samples: &[f32]) -> anyhow::Result<()> {
+        match self {
+            Sink::Wav(w) => w.write(samples)?,
+            Sink::Raw(out) => {
+                let bytes: Vec<u8> = samples
+                    .iter()
+                    .flat_map(|&s| to_i16(s).to_le_bytes())
+                    .collect();
+                out.lock().write_all(&bytes).context("writing to stdout")?;
+            }
+            Sink::Play(p) => p.write(samples)?,
+        }
+        Ok(())
+    }
+
+    fn finish(self) -> anyhow::Result<()> {
+        match self {
+            Sink::Wav(w) => w.finish()?,
+            Sink::Raw(out) => out.lock().flush()?,
+            Sink::Play(p) => p.finish()?,
+        }
+        Ok(())
+    }
+}
+
 pub fn run(a: SayArgs) -> anyhow::Result<()> {
     let text = read_text(a.text)?;
-    let model = a.model.load()?;
-    let start = Instant::now();
-    let prompt = model.prompt(&a.voice, &text)?;
-    let opts = GenerateOptions {
-        max_frames: a.max_frames,
-        cfg_alpha: a.cfg_alpha,
+    let model_dir = a.model.dir();
+    // Check the model is there before opening any output.
+    a.model.check_present()?;
+    let rate = crate::model::config::ModelConfig::from_file(
+        &model_dir.join(crate::model::checkpoint::PARAMS_FILE),
+    )?
+    .codec()
+    .sampling_rate;
+    let mut sink = match &a.out {
+        Some(p) if p.as_os_str() == "-" => Sink::Raw(std::io::stdout()),
+        Some(p) => Sink::Wav(WavSink::create(p, rate, a.format)?),
+        // Open the sound card first: no device is a quick, clear error.
+        None => Sink::Play(Box::new(Player::open_default(rate)?)),
     };
-    let mut gen = model.start(&prompt, Box::new(SeededNoise::new(a.seed)), &opts)?;
-    let mut dec = StreamingDecoder::new(ChunkSchedule::default());
-    let mut samples = Vec::new();
-    while let Some(frame) = gen.next_frame()? {
-        if let Some(chunk) = dec.push(model.codec(), frame.codes)? {
-            samples.extend(chunk);
+    let model = Arc::new(a.model.load()?);
+    let engine = Engine::new(model, EngineConfig::default());
+    let mut job = engine.submit(SpeechRequest {
+        text,
+        voice: a.voice,
+        priority: Priority::Text,
+        seed: a.seed,
+        cfg_alpha: a.cfg_alpha,
+        max_frames: a.max_frames,
+    })?;
+    while let Some(ev) = job.recv() {
+        match ev {
+            Event::Audio { samples, .. } => sink.write(&samples)?,
+            Event::Sentence { range } => tracing::debug!(?range, "sentence"),
+            Event::Started => {}
+            Event::Finished {
+                frames,
+                seconds,
+                rtf,
+            } => {
+                sink.finish()?;
+                let target = match &a.out {
+                    Some(p) if p.as_os_str() != "-" => p.display().to_string(),
+                    Some(_) => "stdout".into(),
+                    None => "speakers".into(),
+                };
+                eprintln!(
+                    "{target}: {frames} frames, {seconds:.2} s of audio, real-time factor {rtf:.3}"
+                );
+                return Ok(());
+            }
+            Event::Failed { reason } => bail!("synthesis failed: {reason}"),
+            Event::Cancelled { reason } => bail!("synthesis cancelled: {reason}"),
         }
     }
-    samples.extend(dec.flush(model.codec())?);
-    let elapsed = start.elapsed().as_secs_f64();
-    write_wav(&a.out, &samples, model.sample_rate(), a.format)?;
-    let secs = samples.len() as f64 / model.sample_rate() as f64;
-    if gen.stop_reason() == Some(StopReason::ContextLimit) {
-        tracing::warn!(
-            "stopped at the context limit of {} positions",
-            gen.positions()
-        );
-    }
-    println!(
-        "{}: {} frames, {:.2} s of audio in {:.2} s (real-time factor {:.3})",
-        a.out.display(),
-        gen.frames(),
-        secs,
-        elapsed,
-        elapsed / secs.max(1e-9)
-    );
-    Ok(())
+    bail!("the engine stopped without finishing")
 }
