@@ -32,7 +32,9 @@ fn req(text: &str, priority: Priority, frames: usize) -> SpeechRequest {
 }
 
 fn many_sentences(n: usize) -> String {
-    (0..n).map(|i| format!("Sentence number {i} is here. ")).collect()
+    (0..n)
+        .map(|i| format!("Sentence number {i} is here. "))
+        .collect()
 }
 
 /// All events until the terminal one.
@@ -68,7 +70,10 @@ fn streams_audio_equal_to_a_full_decode() {
         _ => None,
     });
     assert_eq!(first, Some(2 * 1920), "first chunk after two frames");
-    let Some(Event::Finished { frames, seconds, .. }) = events.last() else {
+    let Some(Event::Finished {
+        frames, seconds, ..
+    }) = events.last()
+    else {
         panic!("no Finished: {:?}", events.last());
     };
     assert_eq!(*frames, 33);
@@ -81,7 +86,9 @@ fn streams_audio_equal_to_a_full_decode() {
         max_frames: 33,
         ..Default::default()
     };
-    let mut gen = m.start(&prompt, Box::new(SeededNoise::new(9)), &opts).unwrap();
+    let mut gen = m
+        .start(&prompt, Box::new(SeededNoise::new(9)), &opts)
+        .unwrap();
     let mut frames = Vec::new();
     while let Some(f) = gen.next_frame().unwrap() {
         frames.push(f.codes);
@@ -104,7 +111,10 @@ fn sentences_come_with_offsets_before_their_audio() {
             _ => None,
         })
         .collect();
-    assert_eq!(ranges, ["Dr. Who arrived.", "Then — quickly — he left!", "Bye."]);
+    assert_eq!(
+        ranges,
+        ["Dr. Who arrived.", "Then — quickly — he left!", "Bye."]
+    );
     // Each sentence event is followed by that sentence's 4 frames before the next one.
     let mut per_sentence = Vec::new();
     for e in &events {
@@ -115,13 +125,18 @@ fn sentences_come_with_offsets_before_their_audio() {
         }
     }
     assert_eq!(per_sentence, [4 * 1920; 3]);
-    assert!(matches!(events.last(), Some(Event::Finished { frames: 12, .. })));
+    assert!(matches!(
+        events.last(),
+        Some(Event::Finished { frames: 12, .. })
+    ));
 }
 
 #[test]
 fn cancel_stops_within_a_frame_and_emits_no_more_audio() {
     let e = engine();
-    let mut job = e.submit(req(&many_sentences(50), Priority::Text, 40)).unwrap();
+    let mut job = e
+        .submit(req(&many_sentences(50), Priority::Text, 40))
+        .unwrap();
     // Wait for audio to flow.
     loop {
         match job.recv_timeout(LONG).unwrap() {
@@ -137,31 +152,53 @@ fn cancel_stops_within_a_frame_and_emits_no_more_audio() {
         rest.iter().all(|e| !matches!(e, Event::Audio { .. })),
         "audio after cancel"
     );
-    assert!(matches!(rest.last(), Some(Event::Cancelled { .. })), "{rest:?}");
-    assert!(job.frames() <= at_cancel + 1, "{} frames after cancel", job.frames() - at_cancel);
+    assert!(
+        matches!(rest.last(), Some(Event::Cancelled { .. })),
+        "{rest:?}"
+    );
+    assert!(
+        job.frames() <= at_cancel + 1,
+        "{} frames after cancel",
+        job.frames() - at_cancel
+    );
     assert!(!e.cancel(job.id), "a second cancel is a no-op");
     // The engine goes on with new work.
     let mut next = e.submit(req("Still here.", Priority::Text, 3)).unwrap();
-    assert!(matches!(drain(&mut next).last(), Some(Event::Finished { .. })));
+    assert!(matches!(
+        drain(&mut next).last(),
+        Some(Event::Finished { .. })
+    ));
 }
 
 #[test]
 fn cancel_all_and_queued_jobs() {
     let e = engine();
-    let mut a = e.submit(req(&many_sentences(20), Priority::Text, 30)).unwrap();
+    let mut a = e
+        .submit(req(&many_sentences(20), Priority::Text, 30))
+        .unwrap();
     let mut b = e.submit(req("Queued.", Priority::Text, 3)).unwrap();
     assert!(wait_until(LONG, || a.frames() > 0));
     e.cancel_all();
-    assert!(matches!(drain(&mut a).last(), Some(Event::Cancelled { .. })));
+    assert!(matches!(
+        drain(&mut a).last(),
+        Some(Event::Cancelled { .. })
+    ));
     let b_events = drain(&mut b);
-    assert_eq!(b_events, [Event::Cancelled { reason: "cancelled".into() }]);
+    assert_eq!(
+        b_events,
+        [Event::Cancelled {
+            reason: "cancelled".into()
+        }]
+    );
     assert!(wait_until(LONG, || e.queue_len() == 0));
 }
 
 #[test]
 fn a_vanished_client_does_not_stall_the_engine() {
     let e = engine();
-    let a = e.submit(req(&many_sentences(30), Priority::Text, 30)).unwrap();
+    let a = e
+        .submit(req(&many_sentences(30), Priority::Text, 30))
+        .unwrap();
     assert!(wait_until(LONG, || a.frames() > 0));
     drop(a); // the consumer goes away without reading
     let mut b = e.submit(req("Next one.", Priority::Text, 3)).unwrap();
@@ -172,33 +209,64 @@ fn a_vanished_client_does_not_stall_the_engine() {
 fn priorities_follow_speech_dispatcher() {
     let e = engine();
     // Something long is speaking.
-    let mut text1 = e.submit(req(&many_sentences(6), Priority::Text, 6)).unwrap();
+    let mut text1 = e
+        .submit(req(&many_sentences(6), Priority::Text, 6))
+        .unwrap();
     assert!(wait_until(LONG, || text1.frames() > 0));
     let mut text2 = e.submit(req("Queued text.", Priority::Text, 3)).unwrap();
     // Notifications are dropped while anything is speaking.
     let mut note = e.submit(req("Ding.", Priority::Notification, 3)).unwrap();
-    assert!(matches!(drain(&mut note).as_slice(), [Event::Cancelled { .. }]));
+    assert!(matches!(
+        drain(&mut note).as_slice(),
+        [Event::Cancelled { .. }]
+    ));
     // Only the latest progress report survives.
-    let mut p1 = e.submit(req("Ten percent.", Priority::Progress, 3)).unwrap();
-    let mut p2 = e.submit(req("Twenty percent.", Priority::Progress, 3)).unwrap();
+    let mut p1 = e
+        .submit(req("Ten percent.", Priority::Progress, 3))
+        .unwrap();
+    let mut p2 = e
+        .submit(req("Twenty percent.", Priority::Progress, 3))
+        .unwrap();
     // Important goes before queued text and is not cancelled by a message.
-    let mut imp = e.submit(req("Battery low.", Priority::Important, 3)).unwrap();
+    let mut imp = e
+        .submit(req("Battery low.", Priority::Important, 3))
+        .unwrap();
     // A message cancels the queued and speaking text.
     let mut msg = e.submit(req("New mail.", Priority::Message, 3)).unwrap();
 
-    assert!(matches!(drain(&mut p1).last(), Some(Event::Cancelled { .. })));
-    assert!(matches!(drain(&mut text1).last(), Some(Event::Cancelled { .. })));
-    assert!(matches!(drain(&mut text2).as_slice(), [Event::Cancelled { .. }]));
+    assert!(matches!(
+        drain(&mut p1).last(),
+        Some(Event::Cancelled { .. })
+    ));
+    assert!(matches!(
+        drain(&mut text1).last(),
+        Some(Event::Cancelled { .. })
+    ));
+    assert!(matches!(
+        drain(&mut text2).as_slice(),
+        [Event::Cancelled { .. }]
+    ));
     let imp_ev = drain(&mut imp);
-    assert!(matches!(imp_ev.last(), Some(Event::Finished { .. })), "{imp_ev:?}");
-    assert!(matches!(drain(&mut msg).last(), Some(Event::Finished { .. })));
-    assert!(matches!(drain(&mut p2).last(), Some(Event::Finished { .. })));
+    assert!(
+        matches!(imp_ev.last(), Some(Event::Finished { .. })),
+        "{imp_ev:?}"
+    );
+    assert!(matches!(
+        drain(&mut msg).last(),
+        Some(Event::Finished { .. })
+    ));
+    assert!(matches!(
+        drain(&mut p2).last(),
+        Some(Event::Finished { .. })
+    ));
 }
 
 #[test]
 fn important_preempts_at_a_sentence_boundary() {
     let e = engine();
-    let mut long = e.submit(req(&many_sentences(4), Priority::Text, 5)).unwrap();
+    let mut long = e
+        .submit(req(&many_sentences(4), Priority::Text, 5))
+        .unwrap();
     assert!(wait_until(LONG, || long.frames() > 0));
     let mut imp = e.submit(req("Alert.", Priority::Important, 5)).unwrap();
     let imp_events = drain(&mut imp);
@@ -206,18 +274,27 @@ fn important_preempts_at_a_sentence_boundary() {
     // The important job finished while the long one still had sentences left.
     assert!(long.frames() < 20, "{} frames", long.frames());
     let rest = drain(&mut long);
-    assert!(matches!(rest.last(), Some(Event::Finished { frames: 20, .. })), "{rest:?}");
+    assert!(
+        matches!(rest.last(), Some(Event::Finished { frames: 20, .. })),
+        "{rest:?}"
+    );
 }
 
 #[test]
 fn bad_requests_fail_at_submit() {
     let e = engine();
-    assert!(matches!(e.submit(req("   ", Priority::Text, 3)), Err(Error::EmptyText)));
+    assert!(matches!(
+        e.submit(req("   ", Priority::Text, 3)),
+        Err(Error::EmptyText)
+    ));
     let mut r = req("Hi", Priority::Text, 3);
     r.voice = "ghost".into();
     assert!(matches!(e.submit(r), Err(Error::UnknownVoice { .. })));
     let huge = "a".repeat((1 << 20) + 1);
-    assert!(matches!(e.submit(req(&huge, Priority::Text, 3)), Err(Error::InvalidInput(_))));
+    assert!(matches!(
+        e.submit(req(&huge, Priority::Text, 3)),
+        Err(Error::InvalidInput(_))
+    ));
 }
 
 #[test]
@@ -245,7 +322,11 @@ fn sentences_too_long_for_the_context_are_split() {
         .collect();
     assert!(parts.len() >= 2, "{parts:?}");
     assert_eq!(parts.join(" "), text);
-    assert!(matches!(events.last(), Some(Event::Finished { .. })), "{:?}", events.last());
+    assert!(
+        matches!(events.last(), Some(Event::Finished { .. })),
+        "{:?}",
+        events.last()
+    );
 }
 
 #[test]

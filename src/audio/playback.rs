@@ -101,6 +101,8 @@ impl Renderer {
             } else {
                 self.gain = 0.0;
             }
+            // Protect ears and speakers from out-of-range model output.
+            let v = if v.is_nan() { 0.0 } else { v.clamp(-1.0, 1.0) };
             for s in frame.iter_mut() {
                 *s = T::from_sample(v);
             }
@@ -141,9 +143,12 @@ impl Player {
             .default_output_device()
             .ok_or_else(|| Error::Audio("no audio output device found".into()))?;
         let device_name = device.to_string();
-        let supported = device
-            .default_output_config()
-            .map_err(|e| device_error(&format!("the audio device {device_name} is not available"), e))?;
+        let supported = device.default_output_config().map_err(|e| {
+            device_error(
+                &format!("the audio device {device_name} is not available"),
+                e,
+            )
+        })?;
         let config = supported.config();
         let rate = config.sample_rate;
         let channels = config.channels;
@@ -175,9 +180,9 @@ impl Player {
             }
         }
         .map_err(|e| device_error(&format!("cannot open the audio device {device_name}"), e))?;
-        stream
-            .play()
-            .map_err(|e| device_error(&format!("cannot start the audio device {device_name}"), e))?;
+        stream.play().map_err(|e| {
+            device_error(&format!("cannot start the audio device {device_name}"), e)
+        })?;
         tracing::info!(device = %device_name, rate, channels, "playback opened");
         Ok(Self {
             _stream: stream,
@@ -273,7 +278,9 @@ mod tests {
     }
 
     fn max_step(x: &[f32]) -> f32 {
-        x.windows(2).map(|w| (w[1] - w[0]).abs()).fold(0.0, f32::max)
+        x.windows(2)
+            .map(|w| (w[1] - w[0]).abs())
+            .fold(0.0, f32::max)
     }
 
     #[test]
@@ -316,7 +323,11 @@ mod tests {
         }
         assert_eq!(c.underruns.load(Ordering::Relaxed), 1);
         let left: Vec<f32> = out.chunks(2).map(|f| f[0]).collect();
-        assert!(max_step(&left) <= 0.8 / 8.0 + 1e-6, "click: {}", max_step(&left));
+        assert!(
+            max_step(&left) <= 0.8 / 8.0 + 1e-6,
+            "click: {}",
+            max_step(&left)
+        );
         assert_eq!(c.played.load(Ordering::Relaxed), 200);
         // Refill: playback resumes once the pre-roll is there, fading in.
         for _ in 0..160 {

@@ -77,7 +77,14 @@ impl StreamResampler {
                 partial_len: Some(partial),
                 active_channels_mask: None,
             };
-            Self::run(r, chunk, Some(&idx), &mut self.skip, out, &mut self.produced)?;
+            Self::run(
+                r,
+                chunk,
+                Some(&idx),
+                &mut self.skip,
+                out,
+                &mut self.produced,
+            )?;
             guard += 1;
         }
         if self.produced > target {
@@ -152,7 +159,12 @@ mod tests {
         assert!(max_step < 0.08, "step {max_step}");
         // Aligned: output at time t matches the input at time t.
         for &i in &[12000usize, 30000] {
-            assert!((out[2 * i] - x[i]).abs() < 0.02, "at {i}: {} vs {}", out[2 * i], x[i]);
+            assert!(
+                (out[2 * i] - x[i]).abs() < 0.02,
+                "at {i}: {} vs {}",
+                out[2 * i],
+                x[i]
+            );
         }
     }
 

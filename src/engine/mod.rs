@@ -75,12 +75,25 @@ impl SpeechRequest {
 pub enum Event {
     Started,
     /// The sentence at this character range of the text is next; its audio follows.
-    Sentence { range: Range<usize> },
+    Sentence {
+        range: Range<usize>,
+    },
     /// Mono PCM at the model's rate; `offset` is the first sample's index in the job's audio.
-    Audio { offset: u64, samples: Vec<f32> },
-    Finished { frames: usize, seconds: f64, rtf: f64 },
-    Failed { reason: String },
-    Cancelled { reason: String },
+    Audio {
+        offset: u64,
+        samples: Vec<f32>,
+    },
+    Finished {
+        frames: usize,
+        seconds: f64,
+        rtf: f64,
+    },
+    Failed {
+        reason: String,
+    },
+    Cancelled {
+        reason: String,
+    },
 }
 
 impl Event {
@@ -479,10 +492,11 @@ fn speak_next_sentence(shared: &Shared, job: &mut Queued) -> Result<()> {
         / 7;
     if model.encode_text(&text).len() > budget.max(1) && range.len() > 1 {
         let half = range.start + range.len() / 2;
-        let (head, tail) = match (range.start + 1..half)
-            .rev()
-            .find(|&i| text::char_slice(&job.req.text, &(i..i + 1)).trim().is_empty())
-        {
+        let (head, tail) = match (range.start + 1..half).rev().find(|&i| {
+            text::char_slice(&job.req.text, &(i..i + 1))
+                .trim()
+                .is_empty()
+        }) {
             Some(space) => (range.start..space, space + 1..range.end),
             None => (range.start..half, half..range.end),
         };

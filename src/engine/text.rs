@@ -9,9 +9,9 @@ use std::ops::Range;
 /// the final period).
 const ABBREVIATIONS: &[&str] = &[
     "dr", "mr", "mrs", "ms", "prof", "st", "jr", "sr", "vs", "etc", "e.g", "i.e", "no", "fig",
-    "approx", "a.m", "p.m", "mt", "cf", "al", "inc", "ltd", "co", "dept", "est", "vol", "p", "pp", "ca", "gen",
-    "col", "lt", "sgt", "capt", "rev", "hon", "ave", "blvd", "jan", "feb", "mar", "apr", "jun",
-    "jul", "aug", "sep", "sept", "oct", "nov", "dec", // English
+    "approx", "a.m", "p.m", "mt", "cf", "al", "inc", "ltd", "co", "dept", "est", "vol", "p", "pp",
+    "ca", "gen", "col", "lt", "sgt", "capt", "rev", "hon", "ave", "blvd", "jan", "feb", "mar",
+    "apr", "jun", "jul", "aug", "sep", "sept", "oct", "nov", "dec", // English
     "m", "mme", "mlle", "me", "env", "av", // French
     "sra", "srta", "dra", "ud", "uds", "pág", "núm", // Spanish
     "z.b", "u.a", "usw", "bzw", "ggf", "evtl", "nr", "s", "hr", "fr", // German
@@ -23,7 +23,20 @@ const ABBREVIATIONS: &[&str] = &[
 fn is_terminal(c: char) -> bool {
     matches!(
         c,
-        '.' | '!' | '?' | '…' | '。' | '！' | '？' | '؟' | '۔' | '।' | '॥' | '‼' | '⁇' | '⁈' | '⁉'
+        '.' | '!'
+            | '?'
+            | '…'
+            | '。'
+            | '！'
+            | '？'
+            | '؟'
+            | '۔'
+            | '।'
+            | '॥'
+            | '‼'
+            | '⁇'
+            | '⁈'
+            | '⁉'
     )
 }
 
@@ -33,17 +46,24 @@ fn is_wide_terminal(c: char) -> bool {
 }
 
 fn is_closing(c: char) -> bool {
-    matches!(c, '"' | '\'' | '”' | '’' | '»' | ')' | ']' | '}' | '›' | '」' | '』' | '）')
+    matches!(
+        c,
+        '"' | '\'' | '”' | '’' | '»' | ')' | ']' | '}' | '›' | '」' | '』' | '）'
+    )
 }
 
 fn is_clause(c: char) -> bool {
-    matches!(c, ',' | ';' | ':' | '—' | '–' | '،' | '؛' | '、' | '，' | '；' | '：')
+    matches!(
+        c,
+        ',' | ';' | ':' | '—' | '–' | '،' | '؛' | '、' | '，' | '；' | '：'
+    )
 }
 
 /// The word before position `dot` (exclusive), lowercase.
 fn word_before(chars: &[char], dot: usize) -> String {
     let mut s = dot;
-    while s > 0 && !chars[s - 1].is_whitespace() && !matches!(chars[s - 1], '(' | '"' | '“' | '«') {
+    while s > 0 && !chars[s - 1].is_whitespace() && !matches!(chars[s - 1], '(' | '"' | '“' | '«')
+    {
         s -= 1;
     }
     chars[s..dot].iter().collect::<String>().to_lowercase()
@@ -130,7 +150,10 @@ mod tests {
     use super::*;
 
     fn split(t: &str) -> Vec<String> {
-        split_sentences(t, 300).iter().map(|r| char_slice(t, r)).collect()
+        split_sentences(t, 300)
+            .iter()
+            .map(|r| char_slice(t, r))
+            .collect()
     }
 
     #[test]
@@ -139,7 +162,10 @@ mod tests {
             split("Hello there. How are you? Fine!  Thanks…"),
             ["Hello there.", "How are you?", "Fine!", "Thanks…"]
         );
-        assert_eq!(split("He said \"stop.\" Then left."), ["He said \"stop.\"", "Then left."]);
+        assert_eq!(
+            split("He said \"stop.\" Then left."),
+            ["He said \"stop.\"", "Then left."]
+        );
         assert_eq!(split("Wait?! Really."), ["Wait?!", "Really."]);
     }
 
@@ -147,15 +173,24 @@ mod tests {
     fn abbreviations_and_initials_do_not_split() {
         assert_eq!(
             split("Dr. Smith met Mrs. Jones, e.g. at 3.30 p.m. today. J. R. R. Tolkien wrote it."),
-            ["Dr. Smith met Mrs. Jones, e.g. at 3.30 p.m. today.", "J. R. R. Tolkien wrote it."]
+            [
+                "Dr. Smith met Mrs. Jones, e.g. at 3.30 p.m. today.",
+                "J. R. R. Tolkien wrote it."
+            ]
         );
-        assert_eq!(split("Version 2.5 is out. Next."), ["Version 2.5 is out.", "Next."]);
+        assert_eq!(
+            split("Version 2.5 is out. Next."),
+            ["Version 2.5 is out.", "Next."]
+        );
         assert_eq!(split("Das ist z.B. gut. Ja."), ["Das ist z.B. gut.", "Ja."]);
     }
 
     #[test]
     fn other_scripts() {
-        assert_eq!(split("これはペンです。あれは本です。"), ["これはペンです。", "あれは本です。"]);
+        assert_eq!(
+            split("これはペンです。あれは本です。"),
+            ["これはペンです。", "あれは本です。"]
+        );
         assert_eq!(split("यह किताब है। वह कलम है।"), ["यह किताब है।", "वह कलम है।"]);
         assert_eq!(split("هل أنت بخير؟ نعم."), ["هل أنت بخير؟", "نعم."]);
         assert_eq!(split("¿Qué tal? ¡Muy bien!"), ["¿Qué tal?", "¡Muy bien!"]);
@@ -170,8 +205,14 @@ mod tests {
     #[test]
     fn long_sentences_split_at_clauses_then_spaces() {
         let t = "one two three, four five six; seven eight nine ten";
-        let parts: Vec<String> = split_sentences(t, 20).iter().map(|r| char_slice(t, r)).collect();
-        assert_eq!(parts, ["one two three,", "four five six;", "seven eight nine ten"]);
+        let parts: Vec<String> = split_sentences(t, 20)
+            .iter()
+            .map(|r| char_slice(t, r))
+            .collect();
+        assert_eq!(
+            parts,
+            ["one two three,", "four five six;", "seven eight nine ten"]
+        );
         let t = "x".repeat(25);
         let parts = split_sentences(&t, 10);
         assert_eq!(parts, [0..10, 10..20, 20..25]);
