@@ -331,3 +331,57 @@ fn random_tiny_checkpoint_round_trips() {
     let voices = ok(&voxtrald(&["voices", "--model", ck]));
     assert_eq!(voices.lines().count(), 20);
 }
+
+#[test]
+fn say_writes_raw_pcm_to_stdout() {
+    let out = voxtrald(&[
+        "say",
+        "--model",
+        &fixture(),
+        "--max-frames",
+        "5",
+        "--out",
+        "-",
+        "Raw samples please.",
+    ]);
+    assert!(out.status.success());
+    let pcm = out.stdout.clone();
+    assert_eq!(pcm.len(), 5 * 1920 * 2, "s16le mono, no header");
+    // The same samples as the WAV path.
+    let dir = tempfile::tempdir().unwrap();
+    let wav = dir.path().join("w.wav");
+    ok(&voxtrald(&[
+        "say",
+        "--model",
+        &fixture(),
+        "--max-frames",
+        "5",
+        "--out",
+        wav.to_str().unwrap(),
+        "Raw samples please.",
+    ]));
+    let from_wav: Vec<u8> = hound::WavReader::open(&wav)
+        .unwrap()
+        .samples::<i16>()
+        .flat_map(|s| s.unwrap().to_le_bytes())
+        .collect();
+    assert_eq!(pcm, from_wav);
+}
+
+#[test]
+fn missing_sound_device_is_a_clear_error() {
+    let home = tempfile::tempdir().unwrap();
+    std::fs::write(
+        home.path().join(".asoundrc"),
+        "pcm.!default { type hw card 7 }\nctl.!default { type hw card 7 }\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_voxtrald"))
+        .args(["say", "--model", &fixture(), "--max-frames", "2", "Hello."])
+        .env("HOME", home.path())
+        .env("XDG_RUNTIME_DIR", home.path())
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    fails_with(&out, "audio");
+}
