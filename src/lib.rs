@@ -4,6 +4,7 @@
 pub mod atomic;
 pub mod audio;
 pub mod cli;
+pub mod daemon;
 pub mod engine;
 pub mod error;
 pub mod model;

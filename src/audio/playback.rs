@@ -43,6 +43,7 @@ pub struct Renderer {
     preroll: usize,
     gain: f32,
     buffering: bool,
+    halted: bool,
 }
 
 impl Renderer {
@@ -54,6 +55,7 @@ impl Renderer {
             preroll: (rate * PREROLL_MS / 1000) as usize,
             gain: 0.0,
             buffering: true,
+            halted: false,
         }
     }
 
@@ -108,7 +110,14 @@ impl Renderer {
             }
         }
         if stop && self.gain == 0.0 {
+            // Faded out: drop what is buffered and report.
+            while self.ring.pop().is_ok() {}
+            self.halted = true;
             c.stopped.store(true, Ordering::Release);
+        } else if !stop && self.halted {
+            // Restarted after a flush: wait for a new pre-roll.
+            self.halted = false;
+            self.buffering = true;
         }
         c.played.fetch_add(played, Ordering::Relaxed);
     }
@@ -126,6 +135,7 @@ pub struct Player {
     controls: Arc<Controls>,
     resampler: StreamResampler,
     pub device_rate: u32,
+    source_rate: u32,
     pub channels: u16,
     pub device_name: String,
     scratch: Vec<f32>,
@@ -190,6 +200,7 @@ impl Player {
             controls,
             resampler: StreamResampler::new(source_rate, rate)?,
             device_rate: rate,
+            source_rate,
             channels,
             device_name,
             scratch: Vec::new(),
@@ -202,6 +213,7 @@ impl Player {
 
     /// Queues audio; waits while the ring is full.
     pub fn write(&mut self, samples: &[f32]) -> Result<()> {
+        self.controls.input_done.store(false, Ordering::Release);
         let mut buf = std::mem::take(&mut self.scratch);
         buf.clear();
         self.resampler.push(samples, &mut buf)?;
@@ -234,6 +246,31 @@ impl Player {
             }
             buf = &buf[n..];
         }
+        Ok(())
+    }
+
+    /// The end of an utterance: plays the tail without waiting for more, keeps the device open.
+    pub fn end_of_input(&mut self) -> Result<()> {
+        let mut tail = Vec::new();
+        self.resampler.finish(&mut tail)?;
+        self.enqueue(&tail)?;
+        self.resampler = StreamResampler::new(self.source_rate, self.device_rate)?;
+        self.controls.input_done.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Fades out and discards everything buffered; the player stays usable.
+    pub fn flush(&mut self) -> Result<()> {
+        self.controls.stop.store(true, Ordering::Release);
+        let start = Instant::now();
+        while !self.controls.stopped.load(Ordering::Acquire)
+            && start.elapsed() < Duration::from_millis(500)
+        {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        self.resampler = StreamResampler::new(self.source_rate, self.device_rate)?;
+        self.controls.stopped.store(false, Ordering::Release);
+        self.controls.stop.store(false, Ordering::Release);
         Ok(())
     }
 
@@ -352,6 +389,18 @@ mod tests {
         r.render(&mut tail, 1);
         assert!(c.stopped.load(Ordering::Relaxed));
         assert!(tail[8..].iter().all(|&v| v == 0.0));
+        // The rest was discarded; after the stop is lifted, new audio plays after a pre-roll.
+        assert_eq!(p.slots(), 10_000);
+        c.stop.store(false, Ordering::Relaxed);
+        c.stopped.store(false, Ordering::Relaxed);
+        let mut idle = vec![0f32; 10];
+        r.render(&mut idle, 1);
+        for _ in 0..200 {
+            p.push(0.5).unwrap();
+        }
+        let mut again = vec![0f32; 20];
+        r.render(&mut again, 1);
+        assert!(again[10] > 0.0);
         let mut all = out.clone();
         all.extend(&tail);
         assert!(max_step(&all) <= 1.0 / 8.0 + 1e-6);

@@ -1,8 +1,10 @@
 //! Command-line interface: argument parsing and dispatch. Each command lives in its own module.
 
 mod bench;
+pub use bench::peak_rss_bytes;
 mod dev;
 mod say;
+mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -41,6 +43,18 @@ enum Command {
     },
     /// Measure load, prefill, per-frame and first-audio times.
     Bench(bench::BenchArgs),
+    /// Run the daemon: Unix socket and D-Bus, one model for all clients.
+    Serve(serve::ServeArgs),
+    /// Show the running daemon's state.
+    Status,
+    /// Stop everything the running daemon is saying.
+    Stop,
+    /// Install the systemd user unit and D-Bus activation file.
+    Install {
+        /// Install for the current user (the only supported mode).
+        #[arg(long)]
+        user: bool,
+    },
     /// Model-developer commands (stable contract for reference comparisons).
     #[command(subcommand)]
     Dev(dev::DevCommand),
@@ -80,7 +94,19 @@ pub fn default_model_dir() -> PathBuf {
     cache.join("voxtrald").join("models").join(MODEL_REPO)
 }
 
+/// Checks a device name's syntax without opening it.
+pub fn parse_device_name(s: &str) -> anyhow::Result<()> {
+    match s {
+        "cpu" | "auto" | "cuda" => Ok(()),
+        s => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(_)) => Ok(()),
+            _ => bail!("unknown device {s:?} (expected auto, cpu, cuda or cuda:N)"),
+        },
+    }
+}
+
 pub fn parse_device(s: &str) -> anyhow::Result<Device> {
+    parse_device_name(s)?;
     match s {
         "cpu" => Ok(Device::Cpu),
         "auto" => Ok(Device::cuda_if_available(0).unwrap_or(Device::Cpu)),
@@ -162,6 +188,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Say(a) => say::run(a),
         Command::Voices { model } => {
+            if model.model.is_none() {
+                if let Some(mut c) = serve::daemon_client() {
+                    let v = c.call(serde_json::json!({"op": "voices"}))?;
+                    for v in v["voices"].as_array().into_iter().flatten() {
+                        println!(
+                            "{:<18} {}",
+                            v["id"].as_str().unwrap_or(""),
+                            v["language"].as_str().unwrap_or("")
+                        );
+                    }
+                    return Ok(());
+                }
+            }
             let m = model.load()?;
             for v in m.voices() {
                 println!("{:<18} {}", v.name, v.language);
@@ -169,6 +208,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench(a) => bench::run(a),
+        Command::Serve(a) => serve::run_serve(a),
+        Command::Status => serve::run_status(),
+        Command::Stop => serve::run_stop(),
+        Command::Install { user } => serve::run_install(user),
         Command::Dev(d) => dev::run(d),
     }
 }

@@ -102,8 +102,69 @@ impl Sink {
     }
 }
 
+/// Speaks through the running daemon: it plays, or streams the audio back for `--out`.
+fn run_via_daemon(
+    mut c: crate::daemon::client::Client,
+    a: &SayArgs,
+    text: String,
+) -> anyhow::Result<()> {
+    use base64::Engine as _;
+    let output = if a.out.is_some() { "stream" } else { "play" };
+    c.send(&serde_json::json!({
+        "op": "speak", "text": text, "voice": a.voice, "output": output, "seed": a.seed,
+    }))?;
+    let mut sink = None;
+    loop {
+        let Some(ev) = c.recv()? else {
+            bail!("the daemon closed the connection");
+        };
+        match ev["event"].as_str().unwrap_or("") {
+            "accepted" => {
+                sink = match &a.out {
+                    Some(p) if p.as_os_str() == "-" => Some(Sink::Raw(std::io::stdout())),
+                    Some(p) => Some(Sink::Wav(WavSink::create(p, 24000, a.format)?)),
+                    None => None,
+                };
+            }
+            "audio" => {
+                let pcm = base64::engine::general_purpose::STANDARD
+                    .decode(ev["pcm"].as_str().unwrap_or(""))
+                    .context("bad audio from the daemon")?;
+                let samples: Vec<f32> = pcm
+                    .chunks_exact(2)
+                    .map(|b| i16::from_le_bytes([b[0], b[1]]) as f32 / i16::MAX as f32)
+                    .collect();
+                if let Some(s) = sink.as_mut() {
+                    s.write(&samples)?;
+                }
+            }
+            "finished" => {
+                if let Some(s) = sink.take() {
+                    s.finish()?;
+                }
+                eprintln!(
+                    "daemon: {} frames, {:.2} s of audio, real-time factor {:.3}",
+                    ev["frames"], ev["seconds"].as_f64().unwrap_or(0.0), ev["rtf"].as_f64().unwrap_or(0.0)
+                );
+                return Ok(());
+            }
+            "failed" | "cancelled" => bail!(
+                "synthesis {}: {}",
+                ev["event"].as_str().unwrap_or(""),
+                ev["reason"].as_str().unwrap_or("")
+            ),
+            _ => {}
+        }
+    }
+}
+
 pub fn run(a: SayArgs) -> anyhow::Result<()> {
-    let text = read_text(a.text)?;
+    let text = read_text(a.text.clone())?;
+    if a.model.model.is_none() {
+        if let Some(c) = super::serve::daemon_client() {
+            return run_via_daemon(c, &a, text);
+        }
+    }
     let model_dir = a.model.dir();
     // Check the model is there before opening any output.
     a.model.check_present()?;
