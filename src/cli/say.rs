@@ -144,7 +144,9 @@ fn run_via_daemon(
                 }
                 eprintln!(
                     "daemon: {} frames, {:.2} s of audio, real-time factor {:.3}",
-                    ev["frames"], ev["seconds"].as_f64().unwrap_or(0.0), ev["rtf"].as_f64().unwrap_or(0.0)
+                    ev["frames"],
+                    ev["seconds"].as_f64().unwrap_or(0.0),
+                    ev["rtf"].as_f64().unwrap_or(0.0)
                 );
                 return Ok(());
             }

@@ -68,10 +68,17 @@ pub fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let listener = {
+    let (listener, mut term, mut int) = {
         let _g = rt.enter();
-        socket::bind(&path)?
+        // Signals are caught from here on, so a stop during model loading is clean too.
+        use tokio::signal::unix::{signal, SignalKind};
+        (
+            socket::bind(&path)?,
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::interrupt())?,
+        )
     };
+    let path_guard = RemoveOnDrop(path.clone());
     let model = Arc::new(margs.load()?);
     let voice = cfg.voice.clone().unwrap_or_else(|| "casual_male".into());
     model
@@ -100,7 +107,12 @@ pub fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
     let use_dbus = !a.no_dbus && cfg.dbus.unwrap_or(true);
     rt.block_on(async move {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let sock = tokio::spawn(socket::serve(daemon.clone(), listener, path.clone(), stop_rx));
+        let sock = tokio::spawn(socket::serve(
+            daemon.clone(),
+            listener,
+            path.clone(),
+            stop_rx,
+        ));
         let bus = if use_dbus {
             match dbus::serve(daemon.clone()).await {
                 Ok(c) => Some(c),
@@ -114,10 +126,9 @@ pub fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
         };
         tracing::info!(socket = %path.display(), dbus = bus.is_some(), "voxtrald is ready");
         eprintln!("voxtrald: ready on {}", path.display());
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
+            _ = int.recv() => {}
         }
         tracing::info!("shutting down");
         let _ = stop_tx.send(true);
@@ -127,7 +138,17 @@ pub fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
         let _ = sock.await;
         anyhow::Ok(())
     })?;
+    drop(path_guard);
     Ok(())
+}
+
+/// Removes the socket however `serve` ends (an error while loading, say).
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// A connection to the running daemon, if there is one.
@@ -161,7 +182,9 @@ pub fn run_install(user: bool) -> anyhow::Result<()> {
         .context("the binary has no directory")?
         .to_string_lossy()
         .into_owned();
-    let home = std::env::var_os("HOME").map(PathBuf::from).context("HOME is not set")?;
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .context("HOME is not set")?;
     let config = std::env::var_os("XDG_CONFIG_HOME")
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
@@ -187,6 +210,8 @@ pub fn run_install(user: bool) -> anyhow::Result<()> {
         crate::atomic::write_atomic(&path, |w| std::io::Write::write_all(w, text.as_bytes()))?;
         println!("wrote {}", path.display());
     }
-    println!("enable with: systemctl --user daemon-reload && systemctl --user enable --now voxtrald");
+    println!(
+        "enable with: systemctl --user daemon-reload && systemctl --user enable --now voxtrald"
+    );
     Ok(())
 }

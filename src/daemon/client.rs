@@ -29,14 +29,21 @@ impl Client {
     pub fn send(&mut self, req: &Value) -> anyhow::Result<()> {
         let mut line = serde_json::to_vec(req)?;
         line.push(b'\n');
-        self.writer.write_all(&line).context("writing to the daemon")?;
+        self.writer
+            .write_all(&line)
+            .context("writing to the daemon")?;
         Ok(())
     }
 
     /// The next message; `None` at end of stream.
     pub fn recv(&mut self) -> anyhow::Result<Option<Value>> {
         let mut line = String::new();
-        if self.reader.read_line(&mut line).context("reading from the daemon")? == 0 {
+        if self
+            .reader
+            .read_line(&mut line)
+            .context("reading from the daemon")?
+            == 0
+        {
             return Ok(None);
         }
         let v: Value = serde_json::from_str(&line).context("the daemon sent invalid JSON")?;

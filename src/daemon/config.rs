@@ -74,8 +74,7 @@ impl Config {
         let cfg: Config = toml::from_str(&text).map_err(|e| Error::Config {
             path: path.into(),
             reason: e.message().to_string()
-                + &e
-                    .span()
+                + &e.span()
                     .map(|s| format!(" (at byte {})", s.start))
                     .unwrap_or_default(),
         })?;
@@ -107,8 +106,12 @@ impl Config {
         if l.max_request_bytes < 1024 {
             return Err(bad("limits.max_request_bytes", "must be at least 1024"));
         }
-        if l.client_buffer == 0 || l.max_clients == 0 || l.max_frames == 0 || l.max_text_bytes == 0 {
-            return Err(bad("limits", "client_buffer, max_clients, max_frames and max_text_bytes must be positive"));
+        if l.client_buffer == 0 || l.max_clients == 0 || l.max_frames == 0 || l.max_text_bytes == 0
+        {
+            return Err(bad(
+                "limits",
+                "client_buffer, max_clients, max_frames and max_text_bytes must be positive",
+            ));
         }
         Ok(())
     }
@@ -130,7 +133,8 @@ mod tests {
         let c = parse("").unwrap();
         assert!(c.model.is_none());
         assert_eq!(c.limits.max_request_bytes, 1 << 20);
-        let c = parse("voice = \"fr_female\"\nvolume = 0.5\n[limits]\nclient_buffer = 8\n").unwrap();
+        let c =
+            parse("voice = \"fr_female\"\nvolume = 0.5\n[limits]\nclient_buffer = 8\n").unwrap();
         assert_eq!(c.voice.as_deref(), Some("fr_female"));
         assert_eq!(c.limits.client_buffer, 8);
         assert_eq!(c.limits.max_clients, 64);
@@ -147,7 +151,9 @@ mod tests {
         assert!(e.contains("volume") || e.contains("float"), "{e}");
         let e = parse("dtype = \"f16\"").unwrap_err().to_string();
         assert!(e.contains("`dtype`"), "{e}");
-        let e = parse("[limits]\nmax_request_bytes = 10").unwrap_err().to_string();
+        let e = parse("[limits]\nmax_request_bytes = 10")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("max_request_bytes"), "{e}");
         let e = parse("device = \"tpu\"").unwrap_err().to_string();
         assert!(e.contains("`device`"), "{e}");

@@ -180,7 +180,15 @@ impl Provider {
         self.daemon
             .voices()
             .into_iter()
-            .map(|(id, lang)| (display_name(&id, &lang), id, fmt.clone(), EVENTS_SENTENCE, vec![lang]))
+            .map(|(id, lang)| {
+                (
+                    display_name(&id, &lang),
+                    id,
+                    fmt.clone(),
+                    EVENTS_SENTENCE,
+                    vec![lang],
+                )
+            })
             .collect()
     }
 }
@@ -204,7 +212,8 @@ impl Control {
         priority: String,
         #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
     ) -> zbus::fdo::Result<u64> {
-        let p = super::protocol::parse_priority(Some(&priority)).map_err(zbus::fdo::Error::InvalidArgs)?;
+        let p = super::protocol::parse_priority(Some(&priority))
+            .map_err(zbus::fdo::Error::InvalidArgs)?;
         let voice = if voice.is_empty() {
             self.daemon.info.default_voice.clone()
         } else {
@@ -232,9 +241,14 @@ impl Control {
                         range.start as u32,
                         range.end as u32,
                     )),
-                    Event::Finished { frames, seconds, .. } => {
-                        rt.block_on(Control::job_finished(&emitter, id, *frames as u32, *seconds))
-                    }
+                    Event::Finished {
+                        frames, seconds, ..
+                    } => rt.block_on(Control::job_finished(
+                        &emitter,
+                        id,
+                        *frames as u32,
+                        *seconds,
+                    )),
                     Event::Failed { reason } | Event::Cancelled { reason } => {
                         rt.block_on(Control::job_failed(&emitter, id, reason))
                     }
@@ -282,7 +296,10 @@ impl Control {
                 o.iter()
                     .filter(|(k, _)| k.as_str() != "event")
                     .map(|(k, v)| {
-                        let v = v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string());
+                        let v = v
+                            .as_str()
+                            .map(str::to_owned)
+                            .unwrap_or_else(|| v.to_string());
                         (k.clone(), v)
                     })
                     .collect()
@@ -314,10 +331,20 @@ impl Control {
     async fn job_started(emitter: &SignalEmitter<'_>, job: u64) -> zbus::Result<()>;
 
     #[zbus(signal)]
-    async fn job_sentence(emitter: &SignalEmitter<'_>, job: u64, start: u32, end: u32) -> zbus::Result<()>;
+    async fn job_sentence(
+        emitter: &SignalEmitter<'_>,
+        job: u64,
+        start: u32,
+        end: u32,
+    ) -> zbus::Result<()>;
 
     #[zbus(signal)]
-    async fn job_finished(emitter: &SignalEmitter<'_>, job: u64, frames: u32, seconds: f64) -> zbus::Result<()>;
+    async fn job_finished(
+        emitter: &SignalEmitter<'_>,
+        job: u64,
+        frames: u32,
+        seconds: f64,
+    ) -> zbus::Result<()>;
 
     #[zbus(signal)]
     async fn job_failed(emitter: &SignalEmitter<'_>, job: u64, reason: &str) -> zbus::Result<()>;

@@ -50,7 +50,10 @@ impl Playback {
     }
 
     fn controls(&self) -> Option<Arc<Controls>> {
-        self.controls.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.controls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Silences the output at once (with a short fade) and drops what is buffered.

@@ -63,7 +63,10 @@ pub fn parse_priority(s: Option<&str>) -> Result<Priority, String> {
 
 /// s16le bytes of float samples.
 pub fn pcm_s16le(samples: &[f32]) -> Vec<u8> {
-    samples.iter().flat_map(|&s| to_i16(s).to_le_bytes()).collect()
+    samples
+        .iter()
+        .flat_map(|&s| to_i16(s).to_le_bytes())
+        .collect()
 }
 
 /// The JSON line for an engine event.
@@ -85,7 +88,9 @@ pub fn event_json(job: JobId, ev: &Event, with_audio: bool) -> Option<serde_json
             frames,
             seconds,
             rtf,
-        } => json!({"event": "finished", "job": job, "frames": frames, "seconds": seconds, "rtf": rtf}),
+        } => {
+            json!({"event": "finished", "job": job, "frames": frames, "seconds": seconds, "rtf": rtf})
+        }
         Event::Failed { reason } => json!({"event": "failed", "job": job, "reason": reason}),
         Event::Cancelled { reason } => json!({"event": "cancelled", "job": job, "reason": reason}),
     })

@@ -149,7 +149,10 @@ async fn client(daemon: Arc<Daemon>, mut stream: UnixStream, uid: u32, clients: 
             continue;
         }
         let reply = match std::str::from_utf8(&line) {
-            Err(e) => Err(format!("the request is not valid UTF-8 (at byte {})", e.valid_up_to())),
+            Err(e) => Err(format!(
+                "the request is not valid UTF-8 (at byte {})",
+                e.valid_up_to()
+            )),
             Ok(text) => match serde_json::from_str::<Request>(text) {
                 Err(e) => Err(format!("malformed request: {e}")),
                 Ok(req) => handle(&daemon, req, &tx, &drop_tx).await,
@@ -183,7 +186,11 @@ async fn read_line<R: AsyncBufReadExt + Unpin>(
             Err(_) => return Ok(None),
         };
         if buf.is_empty() {
-            return Ok(if line.is_empty() || too_long { None } else { Some(line) });
+            return Ok(if line.is_empty() || too_long {
+                None
+            } else {
+                Some(line)
+            });
         }
         let (chunk, done) = match buf.iter().position(|&b| b == b'\n') {
             Some(i) => (&buf[..i], Some(i + 1)),

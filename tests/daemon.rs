@@ -1,0 +1,418 @@
+//! `voxtrald serve` over its Unix socket: permissions, the protocol, bad input, slow and
+//! vanishing clients, cancellation, shutdown, and the CLI talking to the daemon.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+pub struct Served {
+    child: Option<Child>,
+    pub dir: tempfile::TempDir,
+}
+
+impl Served {
+    pub fn start(config: &str, extra_env: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("config/voxtrald")).unwrap();
+        std::fs::write(dir.path().join("config/voxtrald/config.toml"), config).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_voxtrald"));
+        cmd.args(["serve", "--model", fixture_dir().to_str().unwrap()])
+            .env("XDG_RUNTIME_DIR", dir.path())
+            .env("XDG_CONFIG_HOME", dir.path().join("config"))
+            .env("HOME", dir.path())
+            .env("RUST_BACKTRACE", "0")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if !extra_env
+            .iter()
+            .any(|(k, _)| *k == "DBUS_SESSION_BUS_ADDRESS")
+        {
+            cmd.arg("--no-dbus");
+        }
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().unwrap();
+        let s = Self {
+            child: Some(child),
+            dir,
+        };
+        let start = Instant::now();
+        while UnixStream::connect(s.socket()).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "daemon did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // The socket is bound before the model loads; the first answer means ready.
+        assert_eq!(s.connect().call(json!({"op": "status"}))["event"], "status");
+        s
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("voxtrald/voxtrald.sock")
+    }
+
+    pub fn connect(&self) -> Conn {
+        Conn::new(UnixStream::connect(self.socket()).unwrap())
+    }
+
+    /// Sends SIGTERM and returns the exit status and stderr.
+    pub fn terminate(&mut self) -> Output {
+        let child = self.child.take().unwrap();
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        child.wait_with_output().unwrap()
+    }
+
+    /// Runs the CLI in the daemon's environment.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_voxtrald"))
+            .args(args)
+            .env("XDG_RUNTIME_DIR", self.dir.path())
+            .env("XDG_CONFIG_HOME", self.dir.path().join("config"))
+            .env("HOME", self.dir.path())
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub struct Conn {
+    r: BufReader<UnixStream>,
+    w: UnixStream,
+}
+
+impl Conn {
+    fn new(s: UnixStream) -> Self {
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        Self {
+            w: s.try_clone().unwrap(),
+            r: BufReader::new(s),
+        }
+    }
+    fn send_raw(&mut self, bytes: &[u8]) {
+        self.w.write_all(bytes).unwrap();
+    }
+    fn send(&mut self, v: Value) {
+        self.send_raw(format!("{v}\n").as_bytes());
+    }
+    fn recv(&mut self) -> Option<Value> {
+        let mut line = String::new();
+        match self.r.read_line(&mut line) {
+            Ok(0) | Err(_) => None,
+            Ok(_) => Some(serde_json::from_str(&line).unwrap()),
+        }
+    }
+    fn call(&mut self, v: Value) -> Value {
+        self.send(v);
+        self.recv().expect("a reply")
+    }
+    /// Messages until the job's terminal event.
+    fn until_done(&mut self) -> Vec<Value> {
+        let mut out = Vec::new();
+        while let Some(m) = self.recv() {
+            let done = matches!(
+                m["event"].as_str(),
+                Some("finished" | "failed" | "cancelled")
+            );
+            out.push(m);
+            if done {
+                break;
+            }
+        }
+        out
+    }
+}
+
+const CONFIG: &str = "[limits]\nmax_frames = 6\n";
+
+fn many(n: usize) -> String {
+    (0..n).map(|i| format!("This is sentence {i}. ")).collect()
+}
+
+#[test]
+fn socket_is_private() {
+    let d = Served::start(CONFIG, &[]);
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&d.socket()), 0o600);
+    assert_eq!(mode(d.socket().parent().unwrap()), 0o700);
+}
+
+#[test]
+fn status_voices_and_bad_requests_keep_the_connection() {
+    let d = Served::start(CONFIG, &[]);
+    let mut c = d.connect();
+    let s = c.call(json!({"op": "status"}));
+    assert_eq!(s["event"], "status");
+    assert_eq!(s["device"], "cpu");
+    assert_eq!(s["voice"], "casual_male");
+    let v = c.call(json!({"op": "voices"}));
+    assert_eq!(v["voices"].as_array().unwrap().len(), 20);
+
+    let bad: Vec<Vec<u8>> = vec![
+        b"{not json\n".to_vec(),
+        b"\xff\xfe garbage\n".to_vec(),
+        b"{\"op\": \"fly\"}\n".to_vec(),
+        b"{\"op\": \"speak\"}\n".to_vec(),
+        b"{\"op\": \"speak\", \"text\": \"hi\", \"priority\": \"urgent\"}\n".to_vec(),
+        b"{\"op\": \"speak\", \"text\": \"hi\", \"voice\": \"nobody\"}\n".to_vec(),
+        b"{\"op\": \"speak\", \"text\": \"   \"}\n".to_vec(),
+        [
+            b"{\"op\":\"speak\",\"text\":\"".to_vec(),
+            vec![b'a'; 1 << 20],
+            b"\"}\n".to_vec(),
+        ]
+        .concat(),
+    ];
+    for b in bad {
+        c.send_raw(&b);
+        let r = c.recv().unwrap();
+        assert_eq!(r["event"], "error", "{r}");
+        // Still usable.
+        assert_eq!(c.call(json!({"op": "status"}))["event"], "status");
+    }
+    assert!(c.call(json!({"op": "voices"}))["voices"].is_array());
+}
+
+#[test]
+fn stream_output_carries_events_and_all_audio() {
+    let d = Served::start(CONFIG, &[]);
+    let mut c = d.connect();
+    c.send(json!({"op": "speak", "text": "One here. Two there.", "output": "stream", "tag": 42}));
+    let acc = c.recv().unwrap();
+    assert_eq!(acc["event"], "accepted");
+    assert_eq!(acc["tag"], 42);
+    let msgs = c.until_done();
+    let kinds: Vec<&str> = msgs.iter().map(|m| m["event"].as_str().unwrap()).collect();
+    assert_eq!(kinds[0], "started");
+    assert_eq!(kinds[1], "sentence");
+    assert_eq!(*kinds.last().unwrap(), "finished");
+    let mut offset = 0u64;
+    let mut sentences = 0;
+    for m in &msgs {
+        match m["event"].as_str().unwrap() {
+            "sentence" => sentences += 1,
+            "audio" => {
+                assert!(sentences > 0, "audio before its sentence");
+                assert_eq!(m["offset"].as_u64().unwrap(), offset);
+                let pcm = base64_decode(m["pcm"].as_str().unwrap());
+                assert_eq!(pcm.len() as u64, 2 * m["samples"].as_u64().unwrap());
+                offset += m["samples"].as_u64().unwrap();
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(sentences, 2);
+    assert_eq!(offset, 2 * 6 * 1920);
+    assert_eq!(msgs.last().unwrap()["frames"], 12);
+}
+
+fn base64_decode(s: &str) -> Vec<u8> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.decode(s).unwrap()
+}
+
+#[test]
+fn raw_output_is_bare_pcm() {
+    let d = Served::start(CONFIG, &[]);
+    let mut c = d.connect();
+    c.send(json!({"op": "speak", "text": "Raw bytes.", "output": "raw"}));
+    let acc = c.recv().unwrap();
+    assert_eq!(
+        (acc["format"].as_str(), acc["rate"].as_u64()),
+        (Some("s16le"), Some(24000))
+    );
+    let mut pcm = Vec::new();
+    c.r.read_to_end(&mut pcm).unwrap();
+    assert_eq!(pcm.len(), 6 * 1920 * 2);
+}
+
+#[test]
+fn cancel_from_another_connection_and_vanished_clients() {
+    let d = Served::start(CONFIG, &[]);
+    let mut a = d.connect();
+    a.send(json!({"op": "speak", "text": many(200), "output": "stream"}));
+    let job = a.recv().unwrap()["job"].as_u64().unwrap();
+    // Wait for audio, then cancel from elsewhere.
+    while a.recv().unwrap()["event"] != "audio" {}
+    let mut b = d.connect();
+    let r = b.call(json!({"op": "cancel", "job": job}));
+    assert_eq!(r["cancelled"], true);
+    let rest = a.until_done();
+    assert_eq!(rest.last().unwrap()["event"], "cancelled");
+
+    // A client that leaves mid-stream: its job is cancelled, others go on.
+    let mut gone = d.connect();
+    gone.send(json!({"op": "speak", "text": many(200), "output": "stream"}));
+    gone.recv().unwrap();
+    while gone.recv().unwrap()["event"] != "audio" {}
+    drop(gone);
+    let mut c = d.connect();
+    c.send(json!({"op": "speak", "text": "Still serving.", "output": "stream"}));
+    c.recv().unwrap();
+    assert_eq!(c.until_done().last().unwrap()["event"], "finished");
+    let start = Instant::now();
+    while c.call(json!({"op": "status"}))["queue"] != 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the vanished job kept running"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_client_that_does_not_read_is_dropped_and_others_proceed() {
+    let d = Served::start("[limits]\nmax_frames = 6\nclient_buffer = 4\n", &[]);
+    let mut slow = d.connect();
+    slow.send(json!({"op": "speak", "text": many(100), "output": "stream"}));
+    assert_eq!(slow.recv().unwrap()["event"], "accepted");
+    // From now on it never reads. A request queued behind it is still served, once the slow client has
+    // been dropped.
+    let mut other = d.connect();
+    other.send(json!({"op": "speak", "text": "Queued behind.", "output": "stream"}));
+    other.recv().unwrap();
+    assert_eq!(other.until_done().last().unwrap()["event"], "finished");
+    // The slow client finds the reason at the end of what it was sent.
+    let mut last = Value::Null;
+    while let Some(m) = slow.recv() {
+        last = m;
+    }
+    assert_eq!(last["event"], "error", "{last}");
+    assert!(
+        last["error"].as_str().unwrap().contains("did not keep up"),
+        "{last}"
+    );
+}
+
+#[test]
+fn sigterm_cleans_up_and_a_second_daemon_is_refused() {
+    let mut d = Served::start(CONFIG, &[]);
+    let second = d.cli(&[
+        "serve",
+        "--no-dbus",
+        "--model",
+        fixture_dir().to_str().unwrap(),
+    ]);
+    assert!(!second.status.success());
+    assert!(String::from_utf8_lossy(&second.stderr).contains("already listening"));
+    let out = d.terminate();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!d.socket().exists(), "socket left behind");
+}
+
+#[test]
+fn bad_config_names_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("voxtrald")).unwrap();
+    std::fs::write(dir.path().join("voxtrald/config.toml"), "volume = 7\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_voxtrald"))
+        .args([
+            "serve",
+            "--no-dbus",
+            "--model",
+            fixture_dir().to_str().unwrap(),
+        ])
+        .env("XDG_RUNTIME_DIR", dir.path())
+        .env("XDG_CONFIG_HOME", dir.path())
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("`volume`") && err.contains("config.toml"),
+        "{err}"
+    );
+}
+
+#[test]
+fn cli_commands_use_the_running_daemon() {
+    let d = Served::start(CONFIG, &[]);
+    let wav = d.dir.path().join("via.wav");
+    let out = d.cli(&["say", "--out", wav.to_str().unwrap(), "Through the daemon."]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("daemon:"));
+    assert_eq!(hound::WavReader::open(&wav).unwrap().len(), 6 * 1920);
+    let out = d.cli(&["voices"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 20);
+    let out = d.cli(&["status"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"queue\""));
+    assert!(d.cli(&["stop"]).status.success());
+}
+
+#[test]
+fn cli_without_a_daemon_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_voxtrald"))
+        .arg("status")
+        .env("XDG_RUNTIME_DIR", dir.path())
+        .env("XDG_CONFIG_HOME", dir.path())
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no voxtrald daemon is running"));
+}
+
+#[test]
+fn install_writes_user_units() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_voxtrald"))
+        .args(["install", "--user"])
+        .env("HOME", dir.path())
+        .env_remove("XDG_CONFIG_HOME")
+        .env_remove("XDG_DATA_HOME")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let unit =
+        std::fs::read_to_string(dir.path().join(".config/systemd/user/voxtrald.service")).unwrap();
+    assert!(unit.contains("Type=dbus"));
+    assert!(unit.contains("BusName=org.voxtrald.Speech.Provider"));
+    let exe = Path::new(env!("CARGO_BIN_EXE_voxtrald"));
+    assert!(
+        unit.contains(&format!("ExecStart={} serve", exe.display())),
+        "{unit}"
+    );
+    let act = std::fs::read_to_string(
+        dir.path()
+            .join(".local/share/dbus-1/services/org.voxtrald.Speech.Provider.service"),
+    )
+    .unwrap();
+    assert!(act.contains("SystemdService=voxtrald.service"));
+    assert!(act.contains("Name=org.voxtrald.Speech.Provider"));
+}
