@@ -1,7 +1,7 @@
 //! The daemon's own audio output: one device, opened on first use, shared by the jobs that
 //! ask to be played (the engine produces them one at a time).
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::audio::playback::{Controls, Player};
@@ -13,6 +13,8 @@ pub struct Playback {
     controls: Mutex<Option<Arc<Controls>>>,
     rate: u32,
     volume: f32,
+    /// Kept here too, so a pause before the device is opened holds.
+    paused: AtomicBool,
 }
 
 impl Playback {
@@ -22,6 +24,7 @@ impl Playback {
             controls: Mutex::new(None),
             rate,
             volume,
+            paused: AtomicBool::new(false),
         }
     }
 
@@ -29,6 +32,9 @@ impl Playback {
         let mut g = self.player.lock().unwrap_or_else(|e| e.into_inner());
         if g.is_none() {
             let p = Player::open_default(self.rate)?;
+            p.controls()
+                .paused
+                .store(self.paused.load(Ordering::Acquire), Ordering::Release);
             *self.controls.lock().unwrap_or_else(|e| e.into_inner()) = Some(p.controls().clone());
             *g = Some(p);
         }
@@ -69,13 +75,13 @@ impl Playback {
     }
 
     pub fn set_paused(&self, paused: bool) {
+        self.paused.store(paused, Ordering::Release);
         if let Some(c) = self.controls() {
             c.paused.store(paused, Ordering::Release);
         }
     }
 
     pub fn is_paused(&self) -> bool {
-        self.controls()
-            .is_some_and(|c| c.paused.load(Ordering::Acquire))
+        self.paused.load(Ordering::Acquire)
     }
 }

@@ -1,6 +1,8 @@
 //! Shared test helpers: the tiny fixture, its golden arrays, and checkpoint surgery.
 #![allow(dead_code)]
 
+pub mod served;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;

@@ -1,0 +1,349 @@
+//! D-Bus against a private `dbus-daemon`. The client is written against the interface XML
+//! below (method and property names, signatures), not against voxtrald's Rust types.
+
+mod common;
+
+use std::io::Read;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::served::Served;
+use serde_json::json;
+
+/// `org.freedesktop.Speech.Provider` as libspeechprovider specifies it.
+const PROVIDER_XML: &str = r#"
+<interface name="org.freedesktop.Speech.Provider">
+  <method name="Synthesize">
+    <arg direction="in" type="h" name="pipe_fd"/>
+    <arg direction="in" type="s" name="text"/>
+    <arg direction="in" type="s" name="voice_id"/>
+    <arg direction="in" type="d" name="pitch"/>
+    <arg direction="in" type="d" name="rate"/>
+    <arg direction="in" type="b" name="is_ssml"/>
+    <arg direction="in" type="s" name="language"/>
+  </method>
+  <property name="Voices" type="a(ssstas)" access="read"/>
+  <property name="Name" type="s" access="read"/>
+</interface>"#;
+
+const NAME: &str = "org.voxtrald.Speech.Provider";
+const PATH: &str = "/org/voxtrald/Speech/Provider";
+const IFACE: &str = "org.freedesktop.Speech.Provider";
+
+struct Bus {
+    child: Child,
+    address: String,
+}
+
+impl Drop for Bus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn private_bus(dir: &std::path::Path) -> Bus {
+    let mut child = Command::new("dbus-daemon")
+        .args([
+            "--session",
+            "--nofork",
+            "--print-address=1",
+            &format!("--address=unix:dir={}", dir.display()),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("dbus-daemon (Debian package dbus-daemon) must be installed");
+    let mut out = child.stdout.take().unwrap();
+    let mut address = Vec::new();
+    let mut b = [0u8; 1];
+    while out.read(&mut b).unwrap() == 1 && b[0] != b'\n' {
+        address.push(b[0]);
+    }
+    Bus {
+        child,
+        address: String::from_utf8(address).unwrap(),
+    }
+}
+
+struct Setup {
+    _bus: Bus,
+    daemon: Served,
+    conn: zbus::Connection,
+    _busdir: tempfile::TempDir,
+}
+
+async fn setup() -> Setup {
+    let busdir = tempfile::tempdir().unwrap();
+    let bus = private_bus(busdir.path());
+    let daemon = Served::start(
+        "[limits]\nmax_frames = 6\n",
+        &[("DBUS_SESSION_BUS_ADDRESS", &bus.address)],
+    );
+    let conn = zbus::connection::Builder::address(bus.address.as_str())
+        .build()
+        .await
+        .unwrap();
+    let dbus = zbus::fdo::DBusProxy::new(&conn).await.unwrap();
+    let start = Instant::now();
+    while !dbus.name_has_owner(NAME.try_into().unwrap()).await.unwrap() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "bus name never appeared"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Setup {
+        _bus: bus,
+        daemon,
+        conn,
+        _busdir: busdir,
+    }
+}
+
+async fn provider(conn: &zbus::Connection) -> zbus::Proxy<'static> {
+    zbus::Proxy::new(conn, NAME, PATH, IFACE).await.unwrap()
+}
+
+/// The `type` attributes of a method's arguments in an introspection document.
+fn arg_types(xml: &str, method: &str) -> String {
+    let start = xml
+        .find(&format!("<method name=\"{method}\">"))
+        .unwrap_or_else(|| panic!("no method {method} in {xml}"));
+    let block = &xml[start..start + xml[start..].find("</method>").unwrap()];
+    block
+        .split("<arg ")
+        .skip(1)
+        .map(|a| {
+            let t = a.find("type=\"").unwrap() + 6;
+            a[t..t + a[t..].find('"').unwrap()].to_string()
+        })
+        .collect()
+}
+
+fn property_type(xml: &str, name: &str) -> String {
+    let start = xml
+        .find(&format!("<property name=\"{name}\""))
+        .unwrap_or_else(|| panic!("no property {name}"));
+    let p = &xml[start..start + xml[start..].find('>').unwrap()];
+    let t = p.find("type=\"").unwrap() + 6;
+    p[t..t + p[t..].find('"').unwrap()].to_string()
+}
+
+/// Calls Synthesize with a fresh pipe and returns the read end.
+async fn synthesize(p: &zbus::Proxy<'_>, text: &str, voice: &str) -> std::io::PipeReader {
+    let (reader, writer) = std::io::pipe().unwrap();
+    let () = p
+        .call(
+            "Synthesize",
+            &(
+                zbus::Fd::from(&writer),
+                text,
+                voice,
+                1.0f64,
+                1.0f64,
+                false,
+                "",
+            ),
+        )
+        .await
+        .unwrap();
+    drop(writer);
+    reader
+}
+
+#[derive(Debug, PartialEq)]
+enum Chunk {
+    Audio(usize),
+    Sentence(u32, u32),
+}
+
+/// Parses an `audio/x-spiel` stream to its end.
+fn parse_stream(mut r: impl Read) -> Vec<Chunk> {
+    let mut all = Vec::new();
+    r.read_to_end(&mut all).unwrap();
+    assert_eq!(&all[..4], b"0.01", "stream header");
+    let u32_at = |b: &[u8], i: usize| u32::from_ne_bytes(b[i..i + 4].try_into().unwrap());
+    let mut out = Vec::new();
+    let mut i = 4;
+    while i < all.len() {
+        match all[i] {
+            1 => {
+                let n = u32_at(&all, i + 1) as usize;
+                out.push(Chunk::Audio(n));
+                i += 5 + n;
+            }
+            2 => {
+                assert_eq!(all[i + 1], 2, "only sentence events are advertised");
+                let (s, e, m) = (
+                    u32_at(&all, i + 2),
+                    u32_at(&all, i + 6),
+                    u32_at(&all, i + 10),
+                );
+                out.push(Chunk::Sentence(s, e));
+                i += 14 + m as usize;
+            }
+            t => panic!("bad chunk type {t} at {i}"),
+        }
+    }
+    assert_eq!(i, all.len(), "truncated chunk");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_matches_the_interface_xml() {
+    let s = setup().await;
+    let intro = zbus::fdo::IntrospectableProxy::builder(&s.conn)
+        .destination(NAME)
+        .path(PATH)
+        .build()
+        .await
+        .unwrap()
+        .introspect()
+        .await
+        .unwrap();
+    assert!(intro.contains(&format!("<interface name=\"{IFACE}\">")));
+    assert_eq!(
+        arg_types(&intro, "Synthesize"),
+        arg_types(PROVIDER_XML, "Synthesize")
+    );
+    for prop in ["Voices", "Name"] {
+        assert_eq!(
+            property_type(&intro, prop),
+            property_type(PROVIDER_XML, prop)
+        );
+    }
+    let p = provider(&s.conn).await;
+    let name: String = p.get_property("Name").await.unwrap();
+    assert_eq!(name, "Voxtral TTS");
+    let voices: Vec<(String, String, String, u64, Vec<String>)> =
+        p.get_property("Voices").await.unwrap();
+    assert_eq!(voices.len(), 20);
+    let fr = voices.iter().find(|v| v.1 == "fr_female").unwrap();
+    assert_eq!(fr.2, "audio/x-spiel,format=S16LE,channels=1,rate=24000");
+    assert_eq!(fr.3, 0x2, "only EVENTS_SENTENCE is honoured");
+    assert_eq!(fr.4, vec!["fr".to_string()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn synthesize_streams_events_before_audio() {
+    let s = setup().await;
+    let p = provider(&s.conn).await;
+    let r = synthesize(&p, "One here. Two there.", "fr_female").await;
+    let chunks = tokio::task::spawn_blocking(move || parse_stream(r))
+        .await
+        .unwrap();
+    assert_eq!(chunks[0], Chunk::Sentence(0, 9));
+    let second = chunks
+        .iter()
+        .position(|c| *c == Chunk::Sentence(10, 20))
+        .expect("second sentence event");
+    let audio = |cs: &[Chunk]| -> usize {
+        cs.iter()
+            .map(|c| match c {
+                Chunk::Audio(n) => *n,
+                _ => 0,
+            })
+            .sum()
+    };
+    assert_eq!(audio(&chunks[..second]), 6 * 1920 * 2);
+    assert_eq!(audio(&chunks[second..]), 6 * 1920 * 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_the_pipe_cancels_and_calls_run_concurrently() {
+    let s = setup().await;
+    let p = provider(&s.conn).await;
+    let long: String = (0..300).map(|i| format!("Sentence {i}. ")).collect();
+    let mut r = synthesize(&p, &long, "").await;
+    let mut head = [0u8; 64];
+    r.read_exact(&mut head).unwrap();
+    drop(r); // the client hangs up
+             // Three at once: every stream complete and in order.
+    let mut readers = Vec::new();
+    for i in 0..3 {
+        readers.push(synthesize(&p, &format!("Call {i} here. Second part."), "").await);
+    }
+    let results: Vec<_> = readers
+        .into_iter()
+        .map(|r| std::thread::spawn(move || parse_stream(r)))
+        .collect();
+    for h in results {
+        let chunks = h.join().unwrap();
+        let sentences = chunks
+            .iter()
+            .filter(|c| matches!(c, Chunk::Sentence(..)))
+            .count();
+        let audio: usize = chunks
+            .iter()
+            .map(|c| if let Chunk::Audio(n) = c { *n } else { 0 })
+            .sum();
+        assert_eq!((sentences, audio), (2, 2 * 6 * 1920 * 2));
+    }
+    // The abandoned job is gone, not still generating.
+    let start = Instant::now();
+    loop {
+        let q = s.daemon.connect().call(json!({"op": "status"}))["queue"].clone();
+        if q == 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "queue stuck at {q}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_interface() {
+    use futures_util::StreamExt;
+    let s = setup().await;
+    let c = zbus::Proxy::new(
+        &s.conn,
+        NAME,
+        "/org/voxtrald/Daemon",
+        "org.voxtrald.Daemon1",
+    )
+    .await
+    .unwrap();
+    let voices: Vec<(String, String)> = c.call("ListVoices", &()).await.unwrap();
+    assert_eq!(voices.len(), 20);
+    let status: std::collections::HashMap<String, String> = c.call("Status", &()).await.unwrap();
+    assert!(status["model"].ends_with("voxtral-tiny"), "{status:?}");
+    let stopped: bool = c.call("Stop", &(999u64,)).await.unwrap();
+    assert!(!stopped);
+    let () = c.call("Pause", &()).await.unwrap();
+    let paused: bool = c.get_property("Paused").await.unwrap();
+    assert!(paused);
+    let () = c.call("Resume", &()).await.unwrap();
+    assert!(!c.get_property::<bool>("Paused").await.unwrap());
+    // Speak: the job id comes back at once; its end arrives as a signal (finished when a sound
+    // device is there, failed when not).
+    let mut finished = c.receive_signal("JobFinished").await.unwrap();
+    let mut failed = c.receive_signal("JobFailed").await.unwrap();
+    let id: u64 = c
+        .call("Speak", &("Hello there.", "", "message"))
+        .await
+        .unwrap();
+    let msg = tokio::time::timeout(Duration::from_secs(30), async {
+        tokio::select! {
+            m = finished.next() => m,
+            m = failed.next() => m,
+        }
+    })
+    .await
+    .expect("no end-of-job signal")
+    .unwrap();
+    // JobFinished is (t u d), JobFailed is (t s): the job id comes first in both.
+    let job = match msg.body().deserialize::<(u64, u32, f64)>() {
+        Ok((j, _, _)) => j,
+        Err(_) => msg.body().deserialize::<(u64, String)>().unwrap().0,
+    };
+    assert_eq!(job, id);
+    let err = c
+        .call::<_, _, u64>("Speak", &("Hi", "nobody", "text"))
+        .await;
+    assert!(err.is_err(), "unknown voice must be an error");
+    let () = c.call("StopAll", &()).await.unwrap();
+}
