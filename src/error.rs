@@ -60,6 +60,8 @@ pub enum Error {
     InvalidCodes(String),
     #[error("invalid input: {0}")]
     InvalidInput(String),
+    #[error("download failed: {0}")]
+    Download(String),
     #[error("audio output: {0}")]
     Audio(String),
     #[error("cancelled")]

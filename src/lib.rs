@@ -5,6 +5,7 @@ pub mod atomic;
 pub mod audio;
 pub mod cli;
 pub mod daemon;
+pub mod download;
 pub mod engine;
 pub mod error;
 pub mod model;

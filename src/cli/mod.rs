@@ -43,6 +43,16 @@ enum Command {
     },
     /// Measure load, prefill, per-frame and first-audio times.
     Bench(bench::BenchArgs),
+    /// Download the official weights (resumable, verified) into the model directory.
+    Pull {
+        /// Target directory (default: $VOXTRALD_MODEL, else the user cache).
+        #[arg(long, value_name = "DIR")]
+        model: Option<PathBuf>,
+        #[arg(long, default_value = MODEL_REPO)]
+        repo: String,
+        #[arg(long, default_value = "main")]
+        revision: String,
+    },
     /// Run the daemon: Unix socket and D-Bus, one model for all clients.
     Serve(serve::ServeArgs),
     /// Show the running daemon's state.
@@ -145,13 +155,23 @@ impl ModelArgs {
         })
     }
 
-    /// A clear error when no checkpoint is at the model path.
+    /// A clear error when no checkpoint is at the model path. The default location is filled
+    /// from the hub on first use.
     pub fn check_present(&self) -> anyhow::Result<()> {
         let dir = self.dir();
-        if !dir.join(crate::model::checkpoint::PARAMS_FILE).exists() {
+        let params = dir.join(crate::model::checkpoint::PARAMS_FILE);
+        let explicit = self.model.is_some() || std::env::var_os("VOXTRALD_MODEL").is_some();
+        if !params.exists() && !explicit {
+            eprintln!(
+                "voxtrald: downloading {MODEL_REPO} (8 GB) to {} on first use",
+                dir.display()
+            );
+            let hub = crate::download::Hub::from_env();
+            crate::download::pull(&hub, MODEL_REPO, "main", &dir)?;
+        }
+        if !params.exists() {
             bail!(
-                "no model at {}: download {MODEL_REPO} from the Hugging Face hub into that directory \
-                 (e.g. `huggingface-cli download {MODEL_REPO} --local-dir {}`), or pass --model DIR",
+                "no model at {}: run `voxtrald pull --model {}` (downloads {MODEL_REPO}), or pass --model DIR",
                 dir.display(),
                 dir.display()
             );
@@ -209,6 +229,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Bench(a) => bench::run(a),
         Command::Serve(a) => serve::run_serve(a),
+        Command::Pull {
+            model,
+            repo,
+            revision,
+        } => {
+            let dir = ModelArgs {
+                model,
+                device: "cpu".into(),
+                dtype: ComputeDtype::F32,
+                max_positions: DEFAULT_MAX_POSITIONS,
+            }
+            .dir();
+            let hub = crate::download::Hub::from_env();
+            crate::download::pull(&hub, &repo, &revision, &dir)?;
+            println!("{}", dir.display());
+            Ok(())
+        }
         Command::Status => serve::run_status(),
         Command::Stop => serve::run_stop(),
         Command::Install { user } => serve::run_install(user),
