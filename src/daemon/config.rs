@@ -71,12 +71,17 @@ impl Config {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
             Err(e) => return Err(Error::io(path, e)),
         };
-        let cfg: Config = toml::from_str(&text).map_err(|e| Error::Config {
-            path: path.into(),
-            reason: e.message().to_string()
-                + &e.span()
-                    .map(|s| format!(" (at byte {})", s.start))
-                    .unwrap_or_default(),
+        let cfg: Config = toml::from_str(&text).map_err(|e| {
+            // Quote the offending line so the key is named even for type errors.
+            let at = e.span().map(|s| {
+                let line = text[..s.start.min(text.len())].matches('\n').count();
+                let src = text.lines().nth(line).unwrap_or("").trim();
+                format!(" at line {}: `{src}`", line + 1)
+            });
+            Error::Config {
+                path: path.into(),
+                reason: e.message().to_string() + &at.unwrap_or_default(),
+            }
         })?;
         cfg.validate(path)?;
         Ok(cfg)
