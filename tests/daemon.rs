@@ -284,3 +284,38 @@ fn install_writes_user_units() {
     assert!(act.contains("SystemdService=voxtrald.service"));
     assert!(act.contains("Name=org.voxtrald.Speech.Provider"));
 }
+
+#[test]
+fn clients_of_other_users_are_refused() {
+    // Needs root to act as another user; CI runs as root.
+    let root =
+        std::fs::metadata("/proc/self").is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0);
+    let have_setpriv = Command::new("setpriv").arg("--version").output().is_ok();
+    if !root || !have_setpriv {
+        eprintln!("skipping: needs root and setpriv");
+        return;
+    }
+    let d = Served::start(CONFIG, &[]);
+    // Open the file modes so that only the daemon's own check stands in the way.
+    for (p, m) in [
+        (d.dir.path().to_path_buf(), 0o755),
+        (d.socket().parent().unwrap().to_path_buf(), 0o755),
+        (d.socket(), 0o666),
+    ] {
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(m)).unwrap();
+    }
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(env!("CARGO_BIN_EXE_voxtrald"))
+        .arg("status")
+        .env("XDG_RUNTIME_DIR", d.dir.path())
+        .env("XDG_CONFIG_HOME", d.dir.path().join("config"))
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("serves only its own user"), "{err}");
+    // The daemon goes on serving its owner.
+    assert_eq!(d.connect().call(json!({"op": "status"}))["event"], "status");
+}

@@ -55,7 +55,11 @@ impl Client {
 
     /// Sends a request and returns its one reply.
     pub fn call(&mut self, req: Value) -> anyhow::Result<Value> {
-        self.send(&req)?;
+        if let Err(e) = self.send(&req) {
+            // A daemon that refused the connection said why before closing it.
+            self.recv()?;
+            return Err(e);
+        }
         self.recv()?.context("the daemon closed the connection")
     }
 
