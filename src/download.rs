@@ -229,32 +229,13 @@ fn verify(part: &Path, entry: &TreeEntry) -> Result<()> {
     if len != size {
         return Err(bad(format!("size {len}, expected {size}")));
     }
-    let mut f = File::open(part).map_err(|e| Error::io(part, e))?;
-    let mut buf = vec![0u8; 1 << 20];
     let (got, want) = match &entry.lfs {
-        Some(lfs) => {
-            let mut h = Sha256::new();
-            loop {
-                let n = f.read(&mut buf).map_err(|e| Error::io(part, e))?;
-                if n == 0 {
-                    break;
-                }
-                h.update(&buf[..n]);
-            }
-            (hex(&h.finalize()), lfs.oid.to_lowercase())
-        }
-        None => {
-            let mut h = Sha1::new();
-            h.update(format!("blob {size}\0").as_bytes());
-            loop {
-                let n = f.read(&mut buf).map_err(|e| Error::io(part, e))?;
-                if n == 0 {
-                    break;
-                }
-                h.update(&buf[..n]);
-            }
-            (hex(&h.finalize()), entry.oid.to_lowercase())
-        }
+        Some(lfs) => (hash_file::<Sha256>(part, b"")?, lfs.oid.to_lowercase()),
+        // A git blob hash covers a `blob <size>\0` header, then the content.
+        None => (
+            hash_file::<Sha1>(part, format!("blob {size}\0").as_bytes())?,
+            entry.oid.to_lowercase(),
+        ),
     };
     if got != want {
         return Err(bad(format!(
@@ -262,6 +243,22 @@ fn verify(part: &Path, entry: &TreeEntry) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// Hex digest of `prefix` followed by the file's content.
+fn hash_file<D: Digest>(path: &Path, prefix: &[u8]) -> Result<String> {
+    let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut h = D::new();
+    h.update(prefix);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex(&h.finalize()))
 }
 
 fn hex(b: &[u8]) -> String {

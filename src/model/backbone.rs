@@ -6,17 +6,10 @@ use candle_nn::kv_cache::KvCache;
 use candle_nn::{Embedding, VarBuilder};
 
 use super::config::ModelConfig;
-use super::nn::{attention, causal_mask, AttentionProj, FeedForward, RmsNorm};
+use super::nn::{attention, causal_mask, RmsNorm, TransformerLayer};
 
 /// Grows the per-request KV cache in steps of this many positions.
 const KV_GROW: usize = 256;
-
-struct Layer {
-    attention_norm: RmsNorm,
-    attention: AttentionProj,
-    ffn_norm: RmsNorm,
-    feed_forward: FeedForward,
-}
 
 /// Per-utterance state: one KV cache per layer. Dropping it frees the memory.
 pub struct BackboneCache {
@@ -38,7 +31,7 @@ impl BackboneCache {
 pub struct Backbone {
     tok_embeddings: Embedding,
     audio_embeddings: Tensor,
-    layers: Vec<Layer>,
+    layers: Vec<TransformerLayer>,
     norm: RmsNorm,
     cos: Tensor,
     sin: Tensor,
@@ -57,19 +50,15 @@ impl Backbone {
         let audio_embeddings = mm.get_unchecked("audio_codebook_embeddings.embeddings.weight")?;
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
-            let vb = vb.pp("layers").pp(i);
-            layers.push(Layer {
-                attention_norm: RmsNorm::load(vb.pp("attention_norm"), d, cfg.norm_eps)?,
-                attention: AttentionProj::load(
-                    vb.pp("attention"),
-                    d,
-                    cfg.n_heads,
-                    cfg.n_kv_heads,
-                    cfg.head_dim,
-                )?,
-                ffn_norm: RmsNorm::load(vb.pp("ffn_norm"), d, cfg.norm_eps)?,
-                feed_forward: FeedForward::load(vb.pp("feed_forward"), d, cfg.hidden_dim)?,
-            });
+            layers.push(TransformerLayer::load(
+                vb.pp("layers").pp(i),
+                d,
+                cfg.n_heads,
+                cfg.n_kv_heads,
+                cfg.head_dim,
+                cfg.hidden_dim,
+                cfg.norm_eps,
+            )?);
         }
         let norm = RmsNorm::load(vb.pp("norm"), d, cfg.norm_eps)?;
         let (cos, sin) = rope_tables(cfg.head_dim, cfg.rope_theta, max_positions, vb.device())?;
@@ -147,18 +136,12 @@ impl Backbone {
         };
         let mut x = embeds.to_dtype(self.cos.dtype())?.unsqueeze(0)?;
         for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            let a = layer.attention_norm.forward(&x)?;
-            let att = &layer.attention;
-            let q = att.split_heads(&att.wq.forward(&a)?, att.n_heads)?;
-            let k = att.split_heads(&att.wk.forward(&a)?, att.n_kv_heads)?;
-            let v = att.split_heads(&att.wv.forward(&a)?, att.n_kv_heads)?;
-            let q = candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?;
-            let k = candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?;
-            let (k, v) = kv.append(&k, &v)?;
-            let h = attention(&q, &k, &v, mask.as_ref())?;
-            x = (x + att.wo.forward(&h)?)?;
-            let b = layer.ffn_norm.forward(&x)?;
-            x = (&x + layer.feed_forward.forward(&b)?)?;
+            x = layer.forward(&x, |q, k, v| {
+                let q = candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?;
+                let k = candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?;
+                let (k, v) = kv.append(&k, &v)?;
+                attention(&q, &k, &v, mask.as_ref())
+            })?;
         }
         cache.len += s;
         Ok(self.norm.forward(&x)?.squeeze(0)?)

@@ -5,14 +5,7 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{linear_no_bias, Linear, VarBuilder};
 
 use super::config::{ModelConfig, END_AUDIO, SPECIAL_CODES};
-use super::nn::{argmax_in, attention, AttentionProj, FeedForward, RmsNorm};
-
-struct Layer {
-    attention_norm: RmsNorm,
-    attention: AttentionProj,
-    ffn_norm: RmsNorm,
-    feed_forward: FeedForward,
-}
+use super::nn::{argmax_in, attention, RmsNorm, TransformerLayer};
 
 /// Intermediate values of one frame's ODE, for parity checks.
 #[derive(Debug, Default, Clone)]
@@ -27,7 +20,7 @@ pub struct FlowTrace {
 pub struct AcousticHead {
     input_projection: Linear,
     llm_projection: Linear,
-    layers: Vec<Layer>,
+    layers: Vec<TransformerLayer>,
     norm: RmsNorm,
     acoustic_codebook_output: Linear,
     /// Kept in f32 on every device: bf16 ties flip the argmax.
@@ -74,19 +67,15 @@ impl AcousticHead {
         let d = f.dim;
         let mut layers = Vec::with_capacity(f.n_layers);
         for i in 0..f.n_layers {
-            let vb = vb.pp("layers").pp(i);
-            layers.push(Layer {
-                attention_norm: RmsNorm::load(vb.pp("attention_norm"), d, f.norm_eps)?,
-                attention: AttentionProj::load(
-                    vb.pp("attention"),
-                    d,
-                    f.n_heads,
-                    f.n_kv_heads,
-                    f.head_dim,
-                )?,
-                ffn_norm: RmsNorm::load(vb.pp("ffn_norm"), d, f.norm_eps)?,
-                feed_forward: FeedForward::load(vb.pp("feed_forward"), d, f.hidden_dim)?,
-            });
+            layers.push(TransformerLayer::load(
+                vb.pp("layers").pp(i),
+                d,
+                f.n_heads,
+                f.n_kv_heads,
+                f.head_dim,
+                f.hidden_dim,
+                f.norm_eps,
+            )?);
         }
         let time_projection = linear_no_bias(d, d, vb.pp("time_projection"))?;
         let steps = f.n_decoding_steps;
@@ -155,15 +144,8 @@ impl AcousticHead {
         // Three tokens per row: noisy acoustic vector, time, backbone state.
         let mut z = Tensor::stack(&[&x_tok, &t_tok.contiguous()?, c], 1)?;
         for layer in &self.layers {
-            let a = layer.attention_norm.forward(&z)?;
-            let att = &layer.attention;
-            let q = att.split_heads(&att.wq.forward(&a)?, att.n_heads)?;
-            let k = att.split_heads(&att.wk.forward(&a)?, att.n_kv_heads)?;
-            let v = att.split_heads(&att.wv.forward(&a)?, att.n_kv_heads)?;
-            let h = attention(&q, &k, &v, None)?;
-            z = (z + att.wo.forward(&h)?)?;
-            let b = layer.ffn_norm.forward(&z)?;
-            z = (&z + layer.feed_forward.forward(&b)?)?;
+            // Bidirectional over the three tokens, no positions.
+            z = layer.forward(&z, |q, k, v| attention(&q, &k, &v, None))?;
         }
         let tok0 = self.norm.forward(&z.narrow(1, 0, 1)?.squeeze(1)?)?;
         self.acoustic_codebook_output

@@ -102,6 +102,55 @@ impl AttentionProj {
     }
 }
 
+/// A pre-norm Mistral block (`attention_norm`, `attention`, `ffn_norm`, `feed_forward`), shared
+/// by the backbone and the flow-matching transformer. How queries meet keys (RoPE, cache,
+/// mask) is the caller's, through `attend`.
+#[derive(Debug, Clone)]
+pub struct TransformerLayer {
+    attention_norm: RmsNorm,
+    attention: AttentionProj,
+    ffn_norm: RmsNorm,
+    feed_forward: FeedForward,
+}
+
+impl TransformerLayer {
+    #[allow(clippy::too_many_arguments)]
+    pub fn load(
+        vb: VarBuilder,
+        dim: usize,
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+        hidden: usize,
+        eps: f64,
+    ) -> Result<Self> {
+        Ok(Self {
+            attention_norm: RmsNorm::load(vb.pp("attention_norm"), dim, eps)?,
+            attention: AttentionProj::load(vb.pp("attention"), dim, n_heads, n_kv_heads, head_dim)?,
+            ffn_norm: RmsNorm::load(vb.pp("ffn_norm"), dim, eps)?,
+            feed_forward: FeedForward::load(vb.pp("feed_forward"), dim, hidden)?,
+        })
+    }
+
+    /// `x` `[b, s, dim]`; `attend` maps q `[b, H, s, d]`, k and v `[b, KV, s, d]` to
+    /// `[b, s, H*d]`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        attend: impl FnOnce(Tensor, Tensor, Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let a = self.attention_norm.forward(x)?;
+        let att = &self.attention;
+        let q = att.split_heads(&att.wq.forward(&a)?, att.n_heads)?;
+        let k = att.split_heads(&att.wk.forward(&a)?, att.n_kv_heads)?;
+        let v = att.split_heads(&att.wv.forward(&a)?, att.n_kv_heads)?;
+        let h = attend(q, k, v)?;
+        let x = (x + att.wo.forward(&h)?)?;
+        let b = self.ffn_norm.forward(&x)?;
+        &x + self.feed_forward.forward(&b)?
+    }
+}
+
 /// Grouped-query attention. `q` is `[b, H, S, D]`, `k`/`v` are `[b, KV, T, D]` (they may be
 /// narrowed views of a larger cache). `bias`, added to the scaled scores, is `[S, T]` (shared by
 /// all heads) or `[H, S, T]`. Query heads are grouped per kv head instead of repeating K/V, so
