@@ -92,6 +92,9 @@ pub struct ModelArgs {
     /// Context limit in positions (prompt plus frames).
     #[arg(long, default_value_t = DEFAULT_MAX_POSITIONS)]
     pub max_positions: usize,
+    /// Weight storage of the backbone and flow head: none (the compute dtype) or q8 (int8).
+    #[arg(long, value_enum, default_value = "none")]
+    pub quant: crate::model::nn::Quant,
 }
 
 /// Default checkpoint location: `$XDG_CACHE_HOME/voxtrald/models/<repo>` (`~/.cache/...`).
@@ -152,6 +155,7 @@ impl ModelArgs {
                 ComputeDtype::Bf16 => DType::BF16,
             },
             max_positions: self.max_positions,
+            quant: self.quant,
         })
     }
 
@@ -239,6 +243,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 device: "cpu".into(),
                 dtype: ComputeDtype::F32,
                 max_positions: DEFAULT_MAX_POSITIONS,
+                quant: Default::default(),
             }
             .dir();
             let hub = crate::download::Hub::from_env();

@@ -26,6 +26,9 @@ pub struct ServeArgs {
     pub device: Option<String>,
     #[arg(long, value_enum)]
     pub dtype: Option<ComputeDtype>,
+    /// Weight storage: none or q8.
+    #[arg(long, value_enum)]
+    pub quant: Option<crate::model::nn::Quant>,
     /// Unix socket path (overrides the config).
     #[arg(long)]
     pub socket: Option<PathBuf>,
@@ -60,6 +63,10 @@ pub fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
             _ => ComputeDtype::F32,
         }),
         max_positions: crate::model::DEFAULT_MAX_POSITIONS,
+        quant: a.quant.unwrap_or(match cfg.quant.as_deref() {
+            Some("q8") => crate::model::nn::Quant::Q8,
+            _ => crate::model::nn::Quant::None,
+        }),
     };
     let path = socket_path(a.socket.as_ref().or(cfg.socket.as_ref()))?;
     // Claim the socket first: a second daemon fails at once, before loading anything.

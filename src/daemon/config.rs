@@ -16,6 +16,8 @@ pub struct Config {
     pub device: Option<String>,
     /// `f32` or `bf16`.
     pub dtype: Option<String>,
+    /// `none` or `q8` (int8 weights for the backbone and flow head).
+    pub quant: Option<String>,
     /// Voice used when a request names none.
     pub voice: Option<String>,
     /// Playback volume of the daemon's own audio output, 0.0 to 1.0.
@@ -100,6 +102,11 @@ impl Config {
         if let Some(d) = &self.dtype {
             if d != "f32" && d != "bf16" {
                 return Err(bad("dtype", "must be \"f32\" or \"bf16\""));
+            }
+        }
+        if let Some(q) = &self.quant {
+            if q != "none" && q != "q8" {
+                return Err(bad("quant", "must be \"none\" or \"q8\""));
             }
         }
         if let Some(d) = &self.device {

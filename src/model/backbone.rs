@@ -6,7 +6,7 @@ use candle_nn::kv_cache::KvCache;
 use candle_nn::{Embedding, VarBuilder};
 
 use super::config::ModelConfig;
-use super::nn::{attention, causal_mask, RmsNorm, TransformerLayer};
+use super::nn::{attention, causal_mask, Quant, RmsNorm, TransformerLayer};
 
 /// Grows the per-request KV cache in steps of this many positions.
 const KV_GROW: usize = 256;
@@ -43,7 +43,12 @@ pub struct Backbone {
 
 impl Backbone {
     /// `max_positions` bounds prompt plus frames; RoPE tables are built for exactly that many.
-    pub fn load(vb: VarBuilder, cfg: &ModelConfig, max_positions: usize) -> Result<Self> {
+    pub fn load(
+        vb: VarBuilder,
+        cfg: &ModelConfig,
+        max_positions: usize,
+        quant: Quant,
+    ) -> Result<Self> {
         let d = cfg.dim;
         let mm = vb.pp("mm_audio_embeddings");
         let tok = mm.get((cfg.vocab_size, d), "tok_embeddings.weight")?;
@@ -58,6 +63,7 @@ impl Backbone {
                 cfg.head_dim,
                 cfg.hidden_dim,
                 cfg.norm_eps,
+                quant,
             )?);
         }
         let norm = RmsNorm::load(vb.pp("norm"), d, cfg.norm_eps)?;

@@ -8,7 +8,7 @@ use candle_nn::VarBuilder;
 
 use super::config::{CodecStage, ModelConfig, END_AUDIO, SPECIAL_CODES};
 use super::flow::fsq_value;
-use super::nn::{AttentionProj, FeedForward, RmsNorm};
+use super::nn::{AttentionProj, FeedForward, Quant, RmsNorm};
 
 /// Queries per attention block; keys span the block plus the window.
 const QUERY_BLOCK: usize = 256;
@@ -205,12 +205,18 @@ impl CodecDecoder {
                         c.n_heads,
                         c.n_kv_heads,
                         c.head_dim,
+                        Quant::None,
                     )?,
                     q_norm: RmsNorm::load(va.pp("q_norm"), inner, c.qk_norm_eps)?,
                     k_norm: RmsNorm::load(va.pp("k_norm"), inner_kv, c.qk_norm_eps)?,
                     attention_scale: vb.get(c.dim, "attention_scale")?,
                     ffn_norm: RmsNorm::load(vb.pp("ffn_norm"), c.dim, c.norm_eps)?,
-                    feed_forward: FeedForward::load(vb.pp("feed_forward"), c.dim, c.hidden_dim)?,
+                    feed_forward: FeedForward::load(
+                        vb.pp("feed_forward"),
+                        c.dim,
+                        c.hidden_dim,
+                        Quant::None,
+                    )?,
                     ffn_scale: vb.get(c.dim, "ffn_scale")?,
                 });
             }

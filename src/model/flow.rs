@@ -5,7 +5,7 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{linear_no_bias, Linear, VarBuilder};
 
 use super::config::{ModelConfig, END_AUDIO, SPECIAL_CODES};
-use super::nn::{argmax_in, attention, RmsNorm, TransformerLayer};
+use super::nn::{argmax_in, attention, Proj, Quant, RmsNorm, TransformerLayer};
 
 /// Intermediate values of one frame's ODE, for parity checks.
 #[derive(Debug, Default, Clone)]
@@ -19,7 +19,7 @@ pub struct FlowTrace {
 
 pub struct AcousticHead {
     input_projection: Linear,
-    llm_projection: Linear,
+    llm_projection: Proj,
     layers: Vec<TransformerLayer>,
     norm: RmsNorm,
     acoustic_codebook_output: Linear,
@@ -61,7 +61,7 @@ pub fn fsq_value(k: u32, levels: usize) -> f32 {
 }
 
 impl AcousticHead {
-    pub fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+    pub fn load(vb: VarBuilder, cfg: &ModelConfig, quant: Quant) -> Result<Self> {
         let f = cfg.flow();
         let a = cfg.audio();
         let d = f.dim;
@@ -75,6 +75,7 @@ impl AcousticHead {
                 f.head_dim,
                 f.hidden_dim,
                 f.norm_eps,
+                quant,
             )?);
         }
         let time_projection = linear_no_bias(d, d, vb.pp("time_projection"))?;
@@ -87,7 +88,7 @@ impl AcousticHead {
         let step_times = time_projection.forward(&temb)?;
         Ok(Self {
             input_projection: linear_no_bias(a.n_acoustic_codebook, d, vb.pp("input_projection"))?,
-            llm_projection: linear_no_bias(f.input_dim, d, vb.pp("llm_projection"))?,
+            llm_projection: Proj::load(vb.pp("llm_projection"), f.input_dim, d, quant)?,
             layers,
             norm: RmsNorm::load(vb.pp("norm"), d, f.norm_eps)?,
             acoustic_codebook_output: linear_no_bias(

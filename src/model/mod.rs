@@ -40,6 +40,8 @@ pub struct LoadOptions {
     /// Compute dtype: F32 (exact, default on CPU) or BF16.
     pub dtype: DType,
     pub max_positions: usize,
+    /// Weight storage of the backbone and flow head (the codec stays dense).
+    pub quant: nn::Quant,
 }
 
 impl Default for LoadOptions {
@@ -48,6 +50,7 @@ impl Default for LoadOptions {
             device: Device::Cpu,
             dtype: DType::F32,
             max_positions: DEFAULT_MAX_POSITIONS,
+            quant: nn::Quant::None,
         }
     }
 }
@@ -149,10 +152,10 @@ impl Voxtral {
         );
         let vb = weights.into_var_builder(opts.dtype, &opts.device);
         let t = Instant::now();
-        let backbone = Backbone::load(vb.clone(), &config, opts.max_positions)?;
+        let backbone = Backbone::load(vb.clone(), &config, opts.max_positions, opts.quant)?;
         tracing::info!(secs = t.elapsed().as_secs_f64(), "backbone loaded");
         let t = Instant::now();
-        let head = AcousticHead::load(vb.pp("acoustic_transformer"), &config)?;
+        let head = AcousticHead::load(vb.pp("acoustic_transformer"), &config, opts.quant)?;
         tracing::info!(secs = t.elapsed().as_secs_f64(), "acoustic head loaded");
         let t = Instant::now();
         let codec = CodecDecoder::load(vb.pp("audio_tokenizer"), &config, &stages)?;

@@ -1,0 +1,62 @@
+//! `--quant q8`: int8 weights for the backbone and flow head stay close to f32.
+
+mod common;
+
+use common::*;
+use voxtrald::model::nn::Quant;
+use voxtrald::model::noise::InjectedNoise;
+use voxtrald::{GenerateOptions, LoadOptions, Voxtral};
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
+#[test]
+fn q8_hidden_states_and_velocities_track_f32() {
+    let q8 = Voxtral::load(
+        &fixture_dir(),
+        &LoadOptions {
+            quant: Quant::Q8,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let f32m = model();
+    let prompt = q8.prompt("casual_male", "Hello world.").unwrap();
+    let mut c = q8.backbone().new_cache();
+    let h = flat(&q8.backbone().forward(&mut c, &prompt.embeddings).unwrap());
+    let want = golden_f32("backbone_hidden");
+    let cos = cosine(&h, &want);
+    eprintln!("q8 backbone cosine {cos}");
+    assert!(cos >= 0.99, "backbone cosine {cos}");
+    assert!(max_abs_diff(&h, &want) > 0.0, "q8 must actually be in use");
+
+    let hid = golden("ac_last_noise_hidden");
+    let noise = golden_f32("ac_last_noise_noise");
+    let x = q8.head().integrate(&hid, &noise, 1.2, None).unwrap();
+    let x32 = f32m.head().integrate(&hid, &noise, 1.2, None).unwrap();
+    let cos = cosine(&x, &x32);
+    eprintln!("q8 flow cosine {cos}");
+    assert!(cos >= 0.99, "flow cosine {cos}");
+
+    // The whole loop runs and decodes.
+    let rows = golden("gen_noise").to_vec2::<f32>().unwrap();
+    let opts = GenerateOptions {
+        max_frames: 6,
+        ..Default::default()
+    };
+    let mut gen = q8
+        .start(&prompt, Box::new(InjectedNoise::new(rows)), &opts)
+        .unwrap();
+    let mut frames = Vec::new();
+    while let Some(f) = gen.next_frame().unwrap() {
+        frames.push(f.codes);
+    }
+    assert_eq!(frames.len(), 6);
+    let wave = q8.decode(&frames).unwrap();
+    assert_eq!(wave.len(), 6 * 1920);
+    assert!(wave.iter().all(|v| v.is_finite()));
+}
