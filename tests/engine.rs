@@ -336,3 +336,25 @@ fn book_length_text_splits_lazily_into_bounded_sentences() {
     assert_eq!(ranges.len(), 20_000);
     assert!(ranges.iter().all(|r| r.len() <= 300));
 }
+
+#[test]
+fn rate_changes_duration_not_the_sentence_structure() {
+    let e = engine();
+    let mut r = req("Faster please. And again.", Priority::Text, 10);
+    r.rate = 2.0;
+    let mut job = e.submit(r).unwrap();
+    let events = drain(&mut job);
+    let audio = audio_of(&events);
+    // Each sentence's 10 frames (19200 samples) become 9600.
+    assert_eq!(audio.len(), 2 * 9600);
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| matches!(e, Event::Sentence { .. }))
+            .count(),
+        2
+    );
+    let mut bad = req("x", Priority::Text, 2);
+    bad.rate = 9.0;
+    assert!(matches!(e.submit(bad), Err(Error::InvalidInput(_))));
+}

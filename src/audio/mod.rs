@@ -2,4 +2,5 @@
 
 pub mod playback;
 pub mod resample;
+pub mod stretch;
 pub mod wav;

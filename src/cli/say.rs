@@ -35,6 +35,9 @@ pub struct SayArgs {
     /// Stop each sentence after this many 80 ms frames.
     #[arg(long, default_value_t = DEFAULT_MAX_FRAMES)]
     max_frames: usize,
+    /// Speaking rate, 0.5 to 4.0, pitch kept (default 1.0, or the daemon's configured rate).
+    #[arg(long)]
+    rate: Option<f32>,
     /// Classifier-free guidance strength.
     #[arg(long, default_value_t = DEFAULT_CFG_ALPHA)]
     cfg_alpha: f32,
@@ -112,6 +115,7 @@ fn run_via_daemon(
     let output = if a.out.is_some() { "stream" } else { "play" };
     c.send(&serde_json::json!({
         "op": "speak", "text": text, "voice": a.voice, "output": output, "seed": a.seed,
+        "rate": a.rate,
     }))?;
     let mut sink = None;
     loop {
@@ -190,6 +194,7 @@ pub fn run(a: SayArgs) -> anyhow::Result<()> {
         seed: a.seed,
         cfg_alpha: a.cfg_alpha,
         max_frames: a.max_frames,
+        rate: a.rate.unwrap_or(1.0),
     })?;
     while let Some(ev) = job.recv() {
         match ev {

@@ -96,6 +96,7 @@ pub fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
         device: format!("{:?}", model.device()).to_lowercase(),
         dtype: format!("{:?}", model.dtype()).to_lowercase(),
         default_voice: voice,
+        default_rate: cfg.rate.unwrap_or(1.0),
     };
     let rate = model.sample_rate();
     let engine = Engine::new(

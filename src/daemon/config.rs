@@ -20,6 +20,8 @@ pub struct Config {
     pub quant: Option<String>,
     /// Voice used when a request names none.
     pub voice: Option<String>,
+    /// Default speaking rate, 0.5 to 4.0 (1.0 = as generated); pitch is kept.
+    pub rate: Option<f32>,
     /// Playback volume of the daemon's own audio output, 0.0 to 1.0.
     pub volume: Option<f32>,
     /// Unix socket path (default `$XDG_RUNTIME_DIR/voxtrald/voxtrald.sock`).
@@ -99,6 +101,11 @@ impl Config {
                 return Err(bad("volume", "must be between 0.0 and 1.0"));
             }
         }
+        if let Some(r) = self.rate {
+            if !(crate::audio::stretch::MIN_RATE..=crate::audio::stretch::MAX_RATE).contains(&r) {
+                return Err(bad("rate", "must be between 0.5 and 4.0"));
+            }
+        }
         if let Some(d) = &self.dtype {
             if d != "f32" && d != "bf16" {
                 return Err(bad("dtype", "must be \"f32\" or \"bf16\""));
@@ -167,6 +174,8 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("max_request_bytes"), "{e}");
+        let e = parse("rate = 7.0").unwrap_err().to_string();
+        assert!(e.contains("`rate`"), "{e}");
         let e = parse("device = \"tpu\"").unwrap_err().to_string();
         assert!(e.contains("`device`"), "{e}");
     }

@@ -118,8 +118,8 @@ impl Provider {
         language: String,
     ) -> zbus::fdo::Result<()> {
         let text = if is_ssml { strip_ssml(&text) } else { text };
-        if (pitch - 1.0).abs() > 1e-6 || (rate - 1.0).abs() > 1e-6 {
-            tracing::debug!(pitch, rate, "pitch and rate are not supported yet; ignored");
+        if (pitch - 1.0).abs() > 1e-6 {
+            tracing::debug!(pitch, "pitch is not supported yet; ignored");
         }
         let voice = if voice_id.is_empty() {
             self.daemon.info.default_voice.clone()
@@ -132,6 +132,16 @@ impl Provider {
         let d = self.daemon.clone();
         let mut req = SpeechRequest::new(text, voice);
         req.max_frames = d.limits.max_frames;
+        // A multiplier, 1.0 = normal; screen readers go up to 10, we keep what stays clear.
+        let rate = if rate.is_finite() && rate > 0.0 {
+            rate as f32
+        } else {
+            1.0
+        };
+        req.rate = (rate * d.info.default_rate).clamp(
+            crate::audio::stretch::MIN_RATE,
+            crate::audio::stretch::MAX_RATE,
+        );
         std::thread::spawn(move || {
             if pipe.write_all(spiel_stream::VERSION).is_err() {
                 return;
@@ -222,6 +232,7 @@ impl Control {
         let mut req = SpeechRequest::new(text, voice);
         req.priority = p;
         req.max_frames = self.daemon.limits.max_frames;
+        req.rate = self.daemon.info.default_rate;
         let d = self.daemon.clone();
         let job = tokio::task::spawn_blocking(move || d.engine.submit(req))
             .await

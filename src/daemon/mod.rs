@@ -21,6 +21,7 @@ pub struct Info {
     pub device: String,
     pub dtype: String,
     pub default_voice: String,
+    pub default_rate: f32,
 }
 
 /// Shared by every front end.

@@ -32,6 +32,9 @@ pub enum Request {
         output: Output,
         #[serde(default)]
         seed: Option<u64>,
+        /// Speaking rate, 0.5 to 4.0 (default from the config, else 1.0).
+        #[serde(default)]
+        rate: Option<f32>,
         /// Echoed back in `accepted`, to match replies to requests.
         #[serde(default)]
         tag: Option<serde_json::Value>,

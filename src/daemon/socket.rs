@@ -231,6 +231,7 @@ async fn handle(
             priority,
             output,
             seed,
+            rate,
             tag,
         } => {
             let priority = parse_priority(priority.as_deref())?;
@@ -241,6 +242,7 @@ async fn handle(
             r.priority = priority;
             r.seed = seed.unwrap_or(0);
             r.max_frames = daemon.limits.max_frames;
+            r.rate = rate.unwrap_or(daemon.info.default_rate);
             let d = daemon.clone();
             let job = tokio::task::spawn_blocking(move || d.engine.submit(r))
                 .await

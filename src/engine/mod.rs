@@ -11,6 +11,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::audio::stretch::{Stretcher, MAX_RATE, MIN_RATE};
 use crate::model::noise::SeededNoise;
 use crate::model::prompt::PromptTokens;
 use crate::model::stream::{ChunkSchedule, StreamingDecoder};
@@ -56,6 +57,8 @@ pub struct SpeechRequest {
     pub cfg_alpha: f32,
     /// Frame cap per sentence.
     pub max_frames: usize,
+    /// Speaking rate, 1.0 = as generated (pitch is kept; see `audio::stretch`).
+    pub rate: f32,
 }
 
 impl SpeechRequest {
@@ -67,6 +70,7 @@ impl SpeechRequest {
             seed: 0,
             cfg_alpha: DEFAULT_CFG_ALPHA,
             max_frames: DEFAULT_MAX_FRAMES,
+            rate: 1.0,
         }
     }
 }
@@ -272,6 +276,12 @@ impl Engine {
         }
         if req.text.trim().is_empty() {
             return Err(Error::EmptyText);
+        }
+        if !(MIN_RATE..=MAX_RATE).contains(&req.rate) {
+            return Err(Error::InvalidInput(format!(
+                "rate {} is outside {MIN_RATE}..={MAX_RATE}",
+                req.rate
+            )));
         }
         self.shared.model.voice(&req.voice)?;
         let sentences = text::split_sentences(&req.text, cfg.max_sentence_chars);
@@ -516,6 +526,8 @@ fn speak_next_sentence(shared: &Shared, job: &mut Queued) -> Result<()> {
     };
     let mut gen = model.start(&prompt, Box::new(SeededNoise::new(seed)), &opts)?;
     let mut dec = StreamingDecoder::new(shared.cfg.schedule);
+    let mut rate = Stretcher::new(job.req.rate);
+    let mut out = Vec::new();
     loop {
         if lock(&job.control.cancelled).is_some() {
             return Ok(());
@@ -530,13 +542,15 @@ fn speak_next_sentence(shared: &Shared, job: &mut Queued) -> Result<()> {
         job.frames += 1;
         job.control.frames.fetch_add(1, Ordering::SeqCst);
         if let Some(samples) = dec.push(model.codec(), frame.codes)? {
-            if !emit_audio(job, samples) {
+            rate.push(&samples, &mut out);
+            if !emit_audio(job, std::mem::take(&mut out)) {
                 return Ok(());
             }
         }
     }
-    let rest = dec.flush(model.codec())?;
-    emit_audio(job, rest);
+    rate.push(&dec.flush(model.codec())?, &mut out);
+    rate.finish(&mut out);
+    emit_audio(job, out);
     Ok(())
 }
 
