@@ -115,11 +115,16 @@ impl Stretcher {
                 }
             };
             let frame = &self.input[pos - self.base..pos - self.base + FRAME];
-            for i in 0..HOP {
-                out.push(self.tail[i] + frame[i] * self.window[i]);
-            }
-            for i in 0..HOP {
-                self.tail[i] = frame[HOP + i] * self.window[HOP + i];
+            let (w_head, w_tail) = self.window.split_at(HOP);
+            out.extend(
+                self.tail
+                    .iter()
+                    .zip(&frame[..HOP])
+                    .zip(w_head)
+                    .map(|((t, x), w)| t + x * w),
+            );
+            for ((t, x), w) in self.tail.iter_mut().zip(&frame[HOP..]).zip(w_tail) {
+                *t = x * w;
             }
             self.total_out += HOP;
             self.frames += 1;
