@@ -426,6 +426,19 @@ fn send(job: &Queued, ev: Event) -> bool {
     }
 }
 
+/// Delivers a job's last event even when its buffer is full of audio the consumer will skip;
+/// gives up after a second if nobody reads.
+fn send_final(job: &Queued, ev: Event) {
+    let mut ev = ev;
+    for _ in 0..500 {
+        match job.tx.try_send(ev) {
+            Ok(()) | Err(TrySendError::Disconnected(_)) => return,
+            Err(TrySendError::Full(e)) => ev = e,
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 fn worker(shared: Arc<Shared>) {
     loop {
         let mut job = {
@@ -452,19 +465,25 @@ fn worker(shared: Arc<Shared>) {
         let cancelled = lock(&job.control.cancelled).clone();
         match (outcome, cancelled) {
             (_, Some(reason)) => {
-                let _ = job.tx.try_send(Event::Cancelled { reason });
+                drop(st);
+                send_final(&job, Event::Cancelled { reason });
             }
             (Err(e), None) => {
+                drop(st);
                 tracing::warn!(job = job.id, error = %e, "synthesis failed");
-                let _ = job.tx.try_send(Event::Failed {
-                    reason: e.to_string(),
-                });
+                send_final(
+                    &job,
+                    Event::Failed {
+                        reason: e.to_string(),
+                    },
+                );
             }
             (Ok(()), None) if job.next_sentence < job.sentences.len() => {
                 // More to say: back in the queue, keeping its place in its class.
                 st.queue.push(job);
             }
             (Ok(()), None) => {
+                drop(st);
                 let secs = job.offset as f64 / shared.model.sample_rate() as f64;
                 let took = job.started.map_or(0.0, |t| t.elapsed().as_secs_f64());
                 let _ = send(
