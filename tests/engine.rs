@@ -145,8 +145,9 @@ fn cancel_stops_within_a_frame_and_emits_no_more_audio() {
             None => panic!("ended early"),
         }
     }
-    let at_cancel = job.frames();
     assert!(e.cancel(job.id));
+    // Once cancel returns, at most the frame in progress completes.
+    let at_cancel = job.frames();
     let rest = drain(&mut job);
     assert!(
         rest.iter().all(|e| !matches!(e, Event::Audio { .. })),
@@ -265,17 +266,17 @@ fn priorities_follow_speech_dispatcher() {
 fn important_preempts_at_a_sentence_boundary() {
     let e = engine();
     let mut long = e
-        .submit(req(&many_sentences(4), Priority::Text, 5))
+        .submit(req(&many_sentences(30), Priority::Text, 5))
         .unwrap();
     assert!(wait_until(LONG, || long.frames() > 0));
     let mut imp = e.submit(req("Alert.", Priority::Important, 5)).unwrap();
     let imp_events = drain(&mut imp);
     assert!(matches!(imp_events.last(), Some(Event::Finished { .. })));
     // The important job finished while the long one still had sentences left.
-    assert!(long.frames() < 20, "{} frames", long.frames());
+    assert!(long.frames() < 150, "{} frames", long.frames());
     let rest = drain(&mut long);
     assert!(
-        matches!(rest.last(), Some(Event::Finished { frames: 20, .. })),
+        matches!(rest.last(), Some(Event::Finished { frames: 150, .. })),
         "{rest:?}"
     );
 }
