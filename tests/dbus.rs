@@ -299,14 +299,15 @@ async fn closing_the_pipe_cancels_and_calls_run_concurrently() {
 async fn control_interface() {
     use futures_util::StreamExt;
     let s = setup().await;
-    let c = zbus::Proxy::new(
-        &s.conn,
-        NAME,
-        "/org/voxtrald/Daemon",
-        "org.voxtrald.Daemon1",
-    )
-    .await
-    .unwrap();
+    // Uncached: each property read asks the daemon, not a signal-updated cache.
+    let c: zbus::Proxy = zbus::proxy::Builder::new(&s.conn)
+        .destination(NAME)
+        .path("/org/voxtrald/Daemon")
+        .interface("org.voxtrald.Daemon1")
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await
+        .unwrap();
     let voices: Vec<(String, String)> = c.call("ListVoices", &()).await.unwrap();
     assert_eq!(voices.len(), 20);
     let status: std::collections::HashMap<String, String> = c.call("Status", &()).await.unwrap();
