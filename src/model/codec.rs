@@ -205,7 +205,7 @@ impl CodecDecoder {
                         c.n_heads,
                         c.n_kv_heads,
                         c.head_dim,
-                        Quant::None,
+                        Quant::Plain,
                     )?,
                     q_norm: RmsNorm::load(va.pp("q_norm"), inner, c.qk_norm_eps)?,
                     k_norm: RmsNorm::load(va.pp("k_norm"), inner_kv, c.qk_norm_eps)?,
@@ -215,7 +215,7 @@ impl CodecDecoder {
                         vb.pp("feed_forward"),
                         c.dim,
                         c.hidden_dim,
-                        Quant::None,
+                        Quant::Plain,
                     )?,
                     ffn_scale: vb.get(c.dim, "ffn_scale")?,
                 });

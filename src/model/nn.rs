@@ -14,12 +14,23 @@ pub enum Quant {
     /// Int8 weight-only (ggml Q8_0, blocks of 32) with f32 activations: about a quarter of
     /// the f32 memory traffic on CPU.
     Q8,
+    /// Dense with one kernel for every row count (the codec: chunked decodes stay
+    /// bit-identical to full ones).
+    #[value(skip)]
+    Plain,
 }
+
+/// Up to this many rows, a dense projection is computed as `(W · xᵀ)ᵀ`: with the checkpoint's
+/// `[out, in]` layout that streams the weights about twice as fast on CPU as `x · Wᵀ` does
+/// (measured: 6 rows × 8 [9216, 3072] f32 matrices, 85 ms against 164 ms).
+const SMALL_BATCH_ROWS: usize = 16;
 
 /// A bias-free projection `x · Wᵀ`, dense or quantized.
 #[derive(Debug, Clone)]
 pub enum Proj {
     Dense(Linear),
+    /// Dense, taking the weight-major path for few rows.
+    DenseFewRows(Linear),
     Q8(QMatMul),
 }
 
@@ -36,7 +47,11 @@ impl Proj {
             let q = QTensor::quantize(&w, GgmlDType::Q8_0)?;
             return Ok(Proj::Q8(QMatMul::from_qtensor(q)?));
         }
-        Ok(Proj::Dense(linear_no_bias(in_dim, out_dim, vb)?))
+        let linear = linear_no_bias(in_dim, out_dim, vb)?;
+        Ok(match quant {
+            Quant::Plain => Proj::Dense(linear),
+            _ => Proj::DenseFewRows(linear),
+        })
     }
 }
 
@@ -44,6 +59,20 @@ impl Module for Proj {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Proj::Dense(l) => l.forward(x),
+            Proj::DenseFewRows(l) => {
+                let dims = x.dims();
+                let k = dims[dims.len() - 1];
+                let rows = x.elem_count() / k.max(1);
+                if rows > SMALL_BATCH_ROWS || !x.device().is_cpu() {
+                    return l.forward(x);
+                }
+                let xt = x.reshape((rows, k))?.t()?.contiguous()?;
+                let y = l.weight().matmul(&xt)?.t()?.contiguous()?; // [rows, out]
+                let mut shape = dims.to_vec();
+                let last = shape.len() - 1;
+                shape[last] = y.dim(1)?;
+                y.reshape(shape)
+            }
             Proj::Q8(q) => {
                 let dtype = x.dtype();
                 q.forward(&x.to_dtype(DType::F32)?)?.to_dtype(dtype)
