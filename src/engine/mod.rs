@@ -519,25 +519,34 @@ fn speak_next_sentence(shared: &Shared, job: &mut Queued) -> Result<()> {
         .max_positions()
         .saturating_sub(rows + PromptTokens::OVERHEAD)
         / 7;
-    if model.encode_text(&text).len() > budget.max(1) && range.len() > 1 {
-        let half = range.start + range.len() / 2;
-        let (head, tail) = match (range.start + 1..half).rev().find(|&i| {
-            text::char_slice(&job.req.text, &(i..i + 1))
-                .trim()
-                .is_empty()
-        }) {
-            Some(space) => (range.start..space, space + 1..range.end),
-            None => (range.start..half, half..range.end),
+    let prompt = model.prompt(&job.req.voice, &text);
+    let too_long = match &prompt {
+        Ok(p) => p.ids.len() - rows - PromptTokens::OVERHEAD > budget.max(1),
+        Err(Error::ContextOverflow { .. }) => true,
+        Err(_) => false,
+    };
+    if too_long && range.len() > 1 {
+        let chars: Vec<char> = text.chars().collect();
+        let half = chars.len() / 2;
+        let (head, tail) = match (1..half).rev().find(|&i| chars[i].is_whitespace()) {
+            Some(space) => (
+                range.start..range.start + space,
+                range.start + space + 1..range.end,
+            ),
+            None => (
+                range.start..range.start + half,
+                range.start + half..range.end,
+            ),
         };
         job.sentences
             .splice(job.next_sentence..=job.next_sentence, [head, tail]);
         return Ok(());
     }
+    let prompt = prompt?;
     job.next_sentence += 1;
     if !send(job, Event::Sentence { range }) {
         return Ok(());
     }
-    let prompt = model.prompt(&job.req.voice, &text)?;
     let seed = job.req.seed.wrapping_add(job.next_sentence as u64 - 1);
     let opts = GenerateOptions {
         max_frames: job.req.max_frames,

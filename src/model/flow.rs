@@ -173,8 +173,10 @@ impl AcousticHead {
         for i in 0..self.steps {
             let xt = Tensor::from_slice(&x, (1, self.n_acoustic), dev)?;
             let v = self.velocity(&xt.repeat((2, 1))?, i, &c)?;
-            let v_c: Vec<f32> = v.get(0)?.to_vec1()?;
-            let v_u: Vec<f32> = v.get(1)?.to_vec1()?;
+            let mut rows = v.to_vec2::<f32>()?.into_iter();
+            let (Some(v_c), Some(v_u)) = (rows.next(), rows.next()) else {
+                return Err(candle_core::Error::Msg("velocity batch lost a row".into()));
+            };
             if let Some(t) = trace.as_deref_mut() {
                 t.t.push(i as f32 / self.steps as f32);
                 t.x_in.push(x.clone());
