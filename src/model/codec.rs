@@ -1,7 +1,8 @@
 //! The Voxtral codec decoder: codes `[T, 37]` to `T * samples_per_frame` samples at 24 kHz.
-//! Every op is causal, so a chunk decoded with enough left context reproduces a full decode.
-//! Attention is computed in query blocks over the sliding window only, so memory grows
-//! linearly with the length of the utterance.
+//! Every op is causal, so a stream keeps each op's own left context in a [`CodecState`]
+//! (conv tails, the attention windows' keys and values) and decodes only new frames; a full
+//! decode is one chunk on a fresh state. Attention is computed in query blocks over the
+//! sliding window only, so memory grows linearly with the length of the utterance.
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -10,15 +11,14 @@ use super::config::{CodecStage, ModelConfig, END_AUDIO, SPECIAL_CODES};
 use super::flow::fsq_value;
 use super::nn::{AttentionProj, FeedForward, Quant, RmsNorm};
 
-/// Queries per attention block; keys span the block plus the window.
-const QUERY_BLOCK: usize = 256;
-
-/// Shorter decodes are padded to this many frames (see `decode_frames`).
+/// Chunks are computed at least this many frames long, padded with repeats of the last frame
+/// whose samples are dropped. The matmul kernels for fewer rows round differently, so this
+/// keeps a streamed decode bit-identical to a full one; the codec is causal, so the padding
+/// cannot change the real frames' samples.
 const MIN_DECODE_FRAMES: usize = 8;
 
-/// Frames of left context that make a chunk's samples equal a full decode. The receptive
-/// field of the official decoder is 21 frames; vLLM-Omni uses 25.
-pub const LEFT_CONTEXT_FRAMES: usize = 25;
+/// Queries per attention block; keys span the block plus the window.
+const QUERY_BLOCK: usize = 256;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Pad {
@@ -48,15 +48,26 @@ impl CausalConv {
         Ok(Self { weight, pad })
     }
 
-    /// `[1, C, L]` to `[1, C_out, L]`.
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// `[1, C, L]` to `[1, C_out, L]`. `tail` holds the last `kernel - 1` inputs of the
+    /// previous chunk; at the start of a stream the padding mode stands in for it. Only the
+    /// first `real` steps of `x` are the stream's; the rest is padding.
+    fn forward(&self, x: &Tensor, real: usize, tail: &mut Option<Tensor>) -> Result<Tensor> {
         let p = self.weight.dim(2)? - 1;
-        let x = match self.pad {
-            Pad::Replicate => x.pad_with_same(2, p, 0)?,
-            Pad::Reflect => reflect_pad_left(x, p)?,
+        let x = match (tail.take(), self.pad) {
+            (Some(t), _) => Tensor::cat(&[&t, x], 2)?,
+            (None, Pad::Replicate) => x.pad_with_same(2, p, 0)?,
+            (None, Pad::Reflect) => reflect_pad_left(x, p)?,
         };
+        *tail = Some(steps_before(&x, p + real, p)?);
         x.conv1d(&self.weight, 0, 1, 1, 1)
     }
+}
+
+/// The `n` steps before step `end` along dim 2 (time, in `[1, C, L]` and in
+/// `[1, heads, L, d]`), copied so the chunk they came from can be freed.
+fn steps_before(x: &Tensor, end: usize, n: usize) -> Result<Tensor> {
+    let n = n.min(end);
+    x.narrow(2, end - n, n)?.contiguous()
 }
 
 /// Mirror padding on the left without repeating the edge (`x_p .. x_1 | x_0 x_1 ..`). Inputs
@@ -92,10 +103,29 @@ impl CausalConvTranspose {
         Ok(Self { weight, stride })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// Inputs whose overlapping outputs reach into the next input's span.
+    fn overlap(&self) -> Result<usize> {
+        Ok((self.weight.dim(2)? - self.stride).div_ceil(self.stride))
+    }
+
+    /// `prev` holds the last inputs of the previous chunk: they are run again so their
+    /// overlap lands on this chunk's first outputs, and their own outputs are dropped.
+    fn forward(&self, x: &Tensor, real: usize, prev: &mut Option<Tensor>) -> Result<Tensor> {
         let len = x.dim(2)?;
-        let y = x.conv_transpose1d(&self.weight, 0, 0, self.stride, 1, 1)?;
-        y.narrow(2, 0, len * self.stride)
+        let (input, skip) = match prev.take() {
+            Some(p) => {
+                let skip = p.dim(2)? * self.stride;
+                (Tensor::cat(&[&p, x], 2)?, skip)
+            }
+            None => (x.clone(), 0),
+        };
+        *prev = Some(steps_before(
+            &input,
+            skip / self.stride + real,
+            self.overlap()?,
+        )?);
+        let y = input.conv_transpose1d(&self.weight, 0, 0, self.stride, 1, 1)?;
+        y.narrow(2, skip, len * self.stride)
     }
 }
 
@@ -119,6 +149,29 @@ enum Block {
     Conv(CausalConv),
     ConvTranspose(CausalConvTranspose),
     Transformer(CodecTransformer),
+}
+
+/// One block's left context in a stream.
+enum BlockState {
+    Conv(Option<Tensor>),
+    ConvTranspose(Option<Tensor>),
+    /// Per layer: keys and values `[1, kv_heads, <= window, head_dim]` of the latest steps.
+    Transformer(Vec<Option<(Tensor, Tensor)>>),
+}
+
+/// What a streaming decode carries between chunks. Bounded: at most a window of keys and
+/// values per layer and a few conv inputs, whatever the utterance's length.
+pub struct CodecState {
+    blocks: Vec<BlockState>,
+    output: Option<Tensor>,
+    frames: usize,
+}
+
+impl CodecState {
+    /// Frames decoded on this state so far.
+    pub fn frames(&self) -> usize {
+        self.frames
+    }
 }
 
 pub struct CodecDecoder {
@@ -304,10 +357,39 @@ impl CodecDecoder {
             .to_dtype(self.dtype)
     }
 
-    /// Decodes validated frames to samples. `stages`, when given, receives each block's output
-    /// (channels last) for debugging.
+    /// A state for a new stream.
+    pub fn start(&self) -> CodecState {
+        CodecState {
+            blocks: self
+                .blocks
+                .iter()
+                .map(|b| match b {
+                    Block::Conv(_) => BlockState::Conv(None),
+                    Block::ConvTranspose(_) => BlockState::ConvTranspose(None),
+                    Block::Transformer(t) => BlockState::Transformer(vec![None; t.layers.len()]),
+                })
+                .collect(),
+            output: None,
+            frames: 0,
+        }
+    }
+
+    /// Decodes frames to samples in one go. `stages`, when given, receives each block's
+    /// output (channels last) for debugging.
     pub fn decode_frames(
         &self,
+        frames: &[Vec<u32>],
+        stages: Option<&mut Vec<Tensor>>,
+    ) -> crate::Result<Vec<f32>> {
+        self.decode_chunk(&mut self.start(), frames, stages)
+    }
+
+    /// Decodes the next frames of a stream: the samples equal the matching part of a full
+    /// decode (to float rounding), however the frames are split into chunks. Frames from an
+    /// `[END_AUDIO]` frame on are ignored.
+    pub fn decode_chunk(
+        &self,
+        state: &mut CodecState,
         frames: &[Vec<u32>],
         mut stages: Option<&mut Vec<Tensor>>,
     ) -> crate::Result<Vec<f32>> {
@@ -315,42 +397,56 @@ impl CodecDecoder {
         if n == 0 {
             return Ok(Vec::new());
         }
+        let mut padded = frames[..n].to_vec();
         if n < MIN_DECODE_FRAMES && stages.is_none() {
-            // Very short inputs take the small-matrix kernels, whose rounding differs from the
-            // ones longer inputs use. The decoder is causal, so padding with repeats of the last
-            // frame and dropping their samples gives the same samples as a long decode.
-            let mut padded = frames[..n].to_vec();
             padded.resize(MIN_DECODE_FRAMES, frames[n - 1].clone());
-            let mut out = self.decode_frames(&padded, None)?;
-            out.truncate(n * self.samples_per_frame());
-            return Ok(out);
         }
-        let mut x = self.latent(&frames[..n])?; // [1, C, L]
-        for block in &self.blocks {
-            x = match block {
-                Block::Conv(c) => c.forward(&x)?,
-                Block::ConvTranspose(c) => c.forward(&x)?,
-                Block::Transformer(t) => {
-                    let y = self.transformer(t, &x.transpose(1, 2)?.contiguous()?)?;
+        let mut x = self.latent(&padded)?; // [1, C, L]
+        let mut real = n; // steps of x that belong to the stream
+        for (block, st) in self.blocks.iter().zip(&mut state.blocks) {
+            x = match (block, st) {
+                (Block::Conv(c), BlockState::Conv(tail)) => c.forward(&x, real, tail)?,
+                (Block::ConvTranspose(c), BlockState::ConvTranspose(prev)) => {
+                    let y = c.forward(&x, real, prev)?;
+                    real *= c.stride;
+                    y
+                }
+                (Block::Transformer(t), BlockState::Transformer(caches)) => {
+                    let x = x.transpose(1, 2)?.contiguous()?;
+                    let y = self.transformer(t, &x, real, caches)?;
                     y.transpose(1, 2)?.contiguous()?
                 }
+                _ => unreachable!("a state is made by start() for these blocks"),
             };
             if let Some(s) = stages.as_deref_mut() {
                 s.push(x.squeeze(0)?.t()?.to_dtype(DType::F32)?);
             }
         }
-        let y = self.output_proj.forward(&x)?; // [1, patch, L]
-        let y = y.squeeze(0)?.t()?.to_dtype(DType::F32)?; // [L, patch]
+        let y = self.output_proj.forward(&x, real, &mut state.output)?; // [1, patch, L]
+        let y = y
+            .squeeze(0)?
+            .t()?
+            .narrow(0, 0, real)?
+            .to_dtype(DType::F32)?; // [L, patch]
         if let Some(s) = stages {
             s.push(y.clone());
         }
+        state.frames += n;
         Ok(y.flatten_all()?.to_vec1()?)
     }
 
-    /// `x` `[1, L, dim]` through one stage's layers.
-    fn transformer(&self, t: &CodecTransformer, x: &Tensor) -> Result<Tensor> {
+    /// `x` `[1, L, dim]` through one stage's layers; `caches` holds each layer's keys and
+    /// values of the steps before `x` (at most a window of them) and moves on to the first
+    /// `real` steps of `x`.
+    fn transformer(
+        &self,
+        t: &CodecTransformer,
+        x: &Tensor,
+        real: usize,
+        caches: &mut [Option<(Tensor, Tensor)>],
+    ) -> Result<Tensor> {
         let mut x = x.clone();
-        for layer in &t.layers {
+        for (layer, cache) in t.layers.iter().zip(caches) {
             let a = layer.attention_norm.forward(&x)?;
             let att = &layer.attention;
             let q = layer.q_norm.forward(&att.wq.forward(&a)?)?;
@@ -359,7 +455,22 @@ impl CodecDecoder {
             let q = att.split_heads(&q, att.n_heads)?;
             let k = att.split_heads(&k, att.n_kv_heads)?;
             let v = att.split_heads(&v, att.n_kv_heads)?;
-            let h = self.windowed_attention(&q, &k, &v, t.window)?;
+            let (k, v, ctx) = match cache.take() {
+                Some((ck, cv)) => {
+                    let ctx = ck.dim(2)?;
+                    (
+                        Tensor::cat(&[&ck, &k], 2)?,
+                        Tensor::cat(&[&cv, &v], 2)?,
+                        ctx,
+                    )
+                }
+                None => (k, v, 0),
+            };
+            *cache = Some((
+                steps_before(&k, ctx + real, t.window)?,
+                steps_before(&v, ctx + real, t.window)?,
+            ));
+            let h = self.windowed_attention(&q, &k, &v, t.window, ctx)?;
             let h = att.wo.forward(&h)?.broadcast_mul(&layer.attention_scale)?;
             x = (x + h)?;
             let b = layer.ffn_norm.forward(&x)?;
@@ -373,28 +484,29 @@ impl CodecDecoder {
     }
 
     /// Causal sliding-window attention with ALiBi: query `i` sees keys `i - window ..= i`, with
-    /// bias `slope_h * (j - i)`. Each query gathers exactly its own `window + 1` keys, so its
-    /// result does not depend on where a decode starts (streamed chunks reproduce a full
-    /// decode bit for bit) and memory stays linear in the length.
+    /// bias `slope_h * (j - i)`. `k` and `v` hold `ctx <= window` earlier steps before the
+    /// queries' own. Each query gathers exactly its own `window + 1` keys, so its result does
+    /// not depend on where a chunk starts, and memory stays linear in the length.
     fn windowed_attention(
         &self,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
         window: usize,
+        ctx: usize,
     ) -> Result<Tensor> {
         let (b, h, len, d) = q.dims4()?;
-        let kv = k.dim(1)?;
+        let (kv, klen) = (k.dim(1)?, k.dim(2)?);
         let expand = |t: &Tensor| -> Result<Tensor> {
             let t = if kv == h {
                 t.clone()
             } else {
                 t.unsqueeze(2)?
-                    .broadcast_as((b, kv, h / kv, len, d))?
-                    .reshape((b, h, len, d))?
+                    .broadcast_as((b, kv, h / kv, klen, d))?
+                    .reshape((b, h, klen, d))?
             };
-            // W zero keys in front so every query has W + 1 slots.
-            t.pad_with_zeros(2, window, 0)
+            // Zero keys in front so every query has W + 1 slots.
+            t.pad_with_zeros(2, window - ctx, 0)
         };
         let (kp, vp) = (expand(k)?, expand(v)?);
         let dtype = q.dtype();
@@ -415,7 +527,8 @@ impl CodecDecoder {
                 .broadcast_mul(&band(&kp)?)?
                 .to_dtype(DType::F32)?
                 .sum(4)?; // [b, h, nq, W+1]
-            let scores = (scores * scale)?.broadcast_add(&self.alibi_band(s0, nq, window)?)?;
+            let scores =
+                (scores * scale)?.broadcast_add(&self.alibi_band(ctx + s0, nq, window)?)?;
             let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
             let out = probs.unsqueeze(4)?.broadcast_mul(&band(&vp)?)?.sum(3)?; // [b, h, nq, d]
             outs.push(out);
@@ -425,8 +538,8 @@ impl CodecDecoder {
         out.transpose(1, 2)?.reshape((b, len, h * d))
     }
 
-    /// Bias `[H, nq, W+1]` for queries `s0..s0+nq`: ALiBi by distance, `-inf` for the slots
-    /// before the first frame.
+    /// Bias `[H, nq, W+1]` for the queries at steps `s0..s0+nq` of the keys: ALiBi by
+    /// distance, `-inf` for the slots before the first key.
     fn alibi_band(&self, s0: usize, nq: usize, window: usize) -> Result<Tensor> {
         let mut bias = Vec::with_capacity(self.slopes.len() * nq * (window + 1));
         for &m in &self.slopes {

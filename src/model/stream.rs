@@ -1,12 +1,12 @@
 //! Streaming codec decoding: frames go in as they are generated, audio comes out in chunks.
-//! Each chunk is decoded together with up to [`LEFT_CONTEXT_FRAMES`] earlier frames whose
-//! samples are dropped, so the concatenated chunks equal a full decode.
+//! The codec keeps its own left context ([`CodecState`]), so each chunk costs only its new
+//! frames and the concatenated chunks equal a full decode.
 
-use super::codec::{CodecDecoder, LEFT_CONTEXT_FRAMES};
+use super::codec::{CodecDecoder, CodecState};
 use crate::error::Result;
 
 /// How many frames each chunk holds: a short first chunk for fast first audio, then longer
-/// ones that amortize the codec.
+/// ones that amortize per-call overhead.
 #[derive(Debug, Clone, Copy)]
 pub struct ChunkSchedule {
     pub first: usize,
@@ -43,24 +43,17 @@ impl ChunkSchedule {
 
 pub struct StreamingDecoder {
     schedule: ChunkSchedule,
-    context: usize,
-    /// Up to `context` already-decoded frames, then the pending ones.
-    window: Vec<Vec<u32>>,
-    pending: usize,
+    state: Option<CodecState>,
+    pending: Vec<Vec<u32>>,
     decoded: usize,
 }
 
 impl StreamingDecoder {
     pub fn new(schedule: ChunkSchedule) -> Self {
-        Self::with_context(schedule, LEFT_CONTEXT_FRAMES)
-    }
-
-    pub fn with_context(schedule: ChunkSchedule, context: usize) -> Self {
         Self {
             schedule,
-            context,
-            window: Vec::new(),
-            pending: 0,
+            state: None,
+            pending: Vec::new(),
             decoded: 0,
         }
     }
@@ -72,9 +65,8 @@ impl StreamingDecoder {
 
     /// Adds a frame; returns a chunk of samples when the schedule says one is due.
     pub fn push(&mut self, codec: &CodecDecoder, frame: Vec<u32>) -> Result<Option<Vec<f32>>> {
-        self.window.push(frame);
-        self.pending += 1;
-        if self.pending >= self.schedule.chunk_len(self.decoded) {
+        self.pending.push(frame);
+        if self.pending.len() >= self.schedule.chunk_len(self.decoded) {
             return self.flush(codec).map(Some);
         }
         Ok(None)
@@ -82,17 +74,13 @@ impl StreamingDecoder {
 
     /// Decodes whatever is pending (possibly nothing).
     pub fn flush(&mut self, codec: &CodecDecoder) -> Result<Vec<f32>> {
-        if self.pending == 0 {
+        if self.pending.is_empty() {
             return Ok(Vec::new());
         }
-        let ctx = self.window.len() - self.pending;
-        let samples = codec.decode_frames(&self.window, None)?;
-        let skip = ctx * codec.samples_per_frame();
-        let out = samples.get(skip..).unwrap_or_default().to_vec();
-        self.decoded += self.pending;
-        self.pending = 0;
-        let keep = self.context.min(self.window.len());
-        self.window.drain(..self.window.len() - keep);
+        let state = self.state.get_or_insert_with(|| codec.start());
+        let out = codec.decode_chunk(state, &self.pending, None)?;
+        self.decoded += self.pending.len();
+        self.pending.clear();
         Ok(out)
     }
 }
