@@ -50,6 +50,12 @@ pub enum Error {
         rows: usize,
         expected: usize,
     },
+    #[error("not enough memory on {device} for this model: it needs {need}, {have}; try --quant q8, a smaller --max-positions, or another device")]
+    InsufficientMemory {
+        device: String,
+        need: String,
+        have: String,
+    },
     #[error("the text is empty")]
     EmptyText,
     #[error("the prompt needs {needed} positions but the context limit is {limit}")]
@@ -66,6 +72,9 @@ pub enum Error {
     Audio(String),
     #[error("cancelled")]
     Cancelled,
+    /// A bug caught at the engine's boundary: the request fails, the engine keeps serving.
+    #[error("internal error: {0}")]
+    Internal(String),
     #[error("tensor computation failed: {0}")]
     Candle(#[from] candle_core::Error),
 }

@@ -130,6 +130,36 @@ fn missing_model_gives_a_clear_error() {
 }
 
 #[test]
+fn a_model_too_big_for_the_memory_limit_is_refused_before_loading() {
+    let dir = tempfile::tempdir().unwrap();
+    let wav = dir.path().join("x.wav");
+    let (fx, out) = (fixture(), wav.to_str().unwrap().to_string());
+    let run = |limit: &str| {
+        voxtrald(&[
+            "say",
+            "--model",
+            &fx,
+            "--device",
+            "cpu",
+            "--max-memory",
+            limit,
+            "--max-frames",
+            "3",
+            "--out",
+            &out,
+            "Hi.",
+        ])
+    };
+    let out = run("1MiB");
+    fails_with(&out, "not enough memory");
+    fails_with(&out, "1.00 MiB");
+    assert!(!wav.exists());
+    fails_with(&run("lots"), "bad size");
+    ok(&run("64GiB"));
+    assert!(wav.exists());
+}
+
+#[test]
 fn voices_lists_names_and_languages() {
     let out = ok(&voxtrald(&["voices", "--model", &fixture()]));
     assert_eq!(out.lines().count(), 20);

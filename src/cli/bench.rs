@@ -36,6 +36,7 @@ pub struct BenchArgs {
 struct Report {
     device: String,
     dtype: String,
+    quant: String,
     runs: usize,
     prompt_positions: usize,
     frames: usize,
@@ -131,12 +132,13 @@ fn one_run(a: &BenchArgs, model: &Voxtral, load_s: f64) -> anyhow::Result<Run> {
 
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     let mut runs = Vec::new();
-    let mut device = String::new();
+    let (mut device, mut dtype) = (String::new(), String::new());
     for i in 0..a.runs.max(1) {
         let t = Instant::now();
         let model = a.model.load()?;
         let load_s = t.elapsed().as_secs_f64();
         device = format!("{:?}", model.device());
+        dtype = format!("{:?}", model.dtype()).to_lowercase();
         let r = one_run(&a, &model, load_s)?;
         if !a.json {
             eprintln!(
@@ -149,7 +151,8 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     let m = |f: fn(&Run) -> f64| median(runs.iter().map(f).collect());
     let report = Report {
         device,
-        dtype: format!("{:?}", a.model.dtype).to_lowercase(),
+        dtype,
+        quant: format!("{:?}", a.model.quant).to_lowercase(),
         runs: runs.len(),
         prompt_positions: runs[0].positions,
         frames: runs[0].frames,

@@ -72,6 +72,8 @@ enum Command {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ComputeDtype {
+    /// bf16 on a GPU, f32 on the CPU (where candle's bf16 matmul is slow).
+    Auto,
     F32,
     Bf16,
 }
@@ -84,10 +86,10 @@ pub struct ModelArgs {
     #[arg(long, value_name = "DIR")]
     pub model: Option<PathBuf>,
     /// auto, cpu, cuda or cuda:N (auto = first CUDA device when built with `cuda`).
-    #[arg(long, default_value = "cpu")]
+    #[arg(long, default_value = "auto")]
     pub device: String,
     /// Compute dtype.
-    #[arg(long, value_enum, default_value = "f32")]
+    #[arg(long, value_enum, default_value = "auto")]
     pub dtype: ComputeDtype,
     /// Context limit in positions (prompt plus frames).
     #[arg(long, default_value_t = DEFAULT_MAX_POSITIONS)]
@@ -95,6 +97,35 @@ pub struct ModelArgs {
     /// Weight storage of the backbone and flow head: none (the compute dtype) or q8 (int8).
     #[arg(long, value_enum, default_value = "none")]
     pub quant: crate::model::nn::Quant,
+    /// Refuse to load a model that would need more memory than this (e.g. 6GiB, 512MiB,
+    /// bytes). The device's free memory is always checked.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub max_memory: Option<u64>,
+}
+
+/// `6GiB`, `6G`, `512MiB`, `512M`, `100k` or plain bytes (binary units throughout).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("bad size {s:?} (e.g. 6GiB, 512MiB)"))?;
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        _ => {
+            return Err(format!(
+                "bad size unit in {s:?} (use B, KiB, MiB, GiB or TiB)"
+            ))
+        }
+    };
+    Ok((n * scale as f64) as u64)
 }
 
 /// Default checkpoint location: `$XDG_CACHE_HOME/voxtrald/models/<repo>` (`~/.cache/...`).
@@ -148,14 +179,18 @@ impl ModelArgs {
     }
 
     pub fn load_options(&self) -> anyhow::Result<LoadOptions> {
+        let device = parse_device(&self.device)?;
+        let dtype = match self.dtype {
+            ComputeDtype::Auto if device.is_cpu() => DType::F32,
+            ComputeDtype::Auto | ComputeDtype::Bf16 => DType::BF16,
+            ComputeDtype::F32 => DType::F32,
+        };
         Ok(LoadOptions {
-            device: parse_device(&self.device)?,
-            dtype: match self.dtype {
-                ComputeDtype::F32 => DType::F32,
-                ComputeDtype::Bf16 => DType::BF16,
-            },
+            device,
+            dtype,
             max_positions: self.max_positions,
             quant: self.quant,
+            max_memory: self.max_memory,
         })
     }
 
@@ -244,6 +279,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 dtype: ComputeDtype::F32,
                 max_positions: DEFAULT_MAX_POSITIONS,
                 quant: Default::default(),
+                max_memory: None,
             }
             .dir();
             let hub = crate::download::Hub::from_env();

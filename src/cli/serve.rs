@@ -57,16 +57,21 @@ pub fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
             .device
             .clone()
             .or(cfg.device.clone())
-            .unwrap_or_else(|| "cpu".into()),
+            .unwrap_or_else(|| "auto".into()),
         dtype: a.dtype.unwrap_or(match cfg.dtype.as_deref() {
             Some("bf16") => ComputeDtype::Bf16,
-            _ => ComputeDtype::F32,
+            Some("f32") => ComputeDtype::F32,
+            _ => ComputeDtype::Auto,
         }),
         max_positions: crate::model::DEFAULT_MAX_POSITIONS,
         quant: a.quant.unwrap_or(match cfg.quant.as_deref() {
             Some("q8") => crate::model::nn::Quant::Q8,
             _ => crate::model::nn::Quant::None,
         }),
+        max_memory: match &cfg.max_memory {
+            Some(m) => Some(crate::cli::parse_size(m).map_err(anyhow::Error::msg)?),
+            None => None,
+        },
     };
     let path = socket_path(a.socket.as_ref().or(cfg.socket.as_ref()))?;
     // Claim the socket first: a second daemon fails at once, before loading anything.

@@ -14,10 +14,12 @@ pub struct Config {
     pub model: Option<PathBuf>,
     /// `auto`, `cpu`, `cuda` or `cuda:N`.
     pub device: Option<String>,
-    /// `f32` or `bf16`.
+    /// `auto` (bf16 on a GPU, f32 on the CPU), `f32` or `bf16`.
     pub dtype: Option<String>,
     /// `none` or `q8` (int8 weights for the backbone and flow head).
     pub quant: Option<String>,
+    /// Refuse to load a model needing more than this, e.g. `"6GiB"`.
+    pub max_memory: Option<String>,
     /// Voice used when a request names none.
     pub voice: Option<String>,
     /// Default speaking rate, 0.5 to 4.0 (1.0 = as generated); pitch is kept.
@@ -107,8 +109,13 @@ impl Config {
             }
         }
         if let Some(d) = &self.dtype {
-            if d != "f32" && d != "bf16" {
-                return Err(bad("dtype", "must be \"f32\" or \"bf16\""));
+            if d != "auto" && d != "f32" && d != "bf16" {
+                return Err(bad("dtype", "must be \"auto\", \"f32\" or \"bf16\""));
+            }
+        }
+        if let Some(m) = &self.max_memory {
+            if let Err(e) = crate::cli::parse_size(m) {
+                return Err(bad("max_memory", &e));
             }
         }
         if let Some(q) = &self.quant {

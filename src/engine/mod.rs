@@ -459,7 +459,20 @@ fn worker(shared: Arc<Shared>) {
             st.current = Some((job.id, job.req.priority, job.control.clone()));
             job
         };
-        let outcome = speak_next_sentence(&shared, &mut job);
+        // A panic in the model code (a bug, or a device failure that candle turns into one)
+        // fails this request only; the engine goes on with the next.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            speak_next_sentence(&shared, &mut job)
+        }))
+        .unwrap_or_else(|payload| {
+            let what = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "panic".into());
+            tracing::error!(job = job.id, %what, "synthesis panicked");
+            Err(Error::Internal(what))
+        });
         let mut st = lock(&shared.state);
         st.current = None;
         let cancelled = lock(&job.control.cancelled).clone();
@@ -512,6 +525,10 @@ fn speak_next_sentence(shared: &Shared, job: &mut Queued) -> Result<()> {
         return Ok(());
     };
     let text = text::char_slice(&job.req.text, &range);
+    #[cfg(test)]
+    if text.contains(tests::PANIC_MARK) {
+        panic!("injected fault");
+    }
     // A sentence that could not fit the context with its audio is split in two.
     let rows = model.voice(&job.req.voice)?.dim(0)?;
     let budget = model
@@ -610,4 +627,36 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(1));
     }
     f()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::LoadOptions;
+
+    /// Text that makes the engine panic mid-request (tests only).
+    pub(super) const PANIC_MARK: &str = "[[panic]]";
+
+    #[test]
+    fn a_panicking_request_fails_alone_and_the_engine_keeps_serving() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/voxtral-tiny");
+        let model = Voxtral::load(&dir, &LoadOptions::default()).unwrap();
+        let engine = Engine::new(Arc::new(model), EngineConfig::default());
+        let run = |text: &str| {
+            let mut r = SpeechRequest::new(text, "casual_male");
+            r.max_frames = 3;
+            let mut job = engine.submit(r).unwrap();
+            let mut last = None;
+            while let Some(ev) = job.recv() {
+                last = Some(ev);
+            }
+            last.expect("a terminal event")
+        };
+        match run("Fine. Then [[panic]] here.") {
+            Event::Failed { reason } => assert!(reason.contains("injected fault"), "{reason}"),
+            other => panic!("expected a failure, got {other:?}"),
+        }
+        assert!(matches!(run("Still here."), Event::Finished { .. }));
+    }
 }

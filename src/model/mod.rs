@@ -5,9 +5,11 @@ pub mod checkpoint;
 pub mod codec;
 pub mod config;
 pub mod flow;
+pub mod memory;
 pub mod nn;
 pub mod noise;
 pub mod prompt;
+pub mod q8;
 pub mod random;
 pub mod stream;
 pub mod voice;
@@ -42,6 +44,9 @@ pub struct LoadOptions {
     pub max_positions: usize,
     /// Weight storage of the backbone and flow head (the codec stays dense).
     pub quant: nn::Quant,
+    /// Refuse to load when the model would need more than this many bytes (the device's
+    /// free memory is always a limit).
+    pub max_memory: Option<u64>,
 }
 
 impl Default for LoadOptions {
@@ -51,6 +56,7 @@ impl Default for LoadOptions {
             dtype: DType::F32,
             max_positions: DEFAULT_MAX_POSITIONS,
             quant: nn::Quant::None,
+            max_memory: None,
         }
     }
 }
@@ -115,6 +121,14 @@ impl Voxtral {
         let params = dir.join(PARAMS_FILE);
         let config = ModelConfig::from_file(&params)?;
         let stages = config.codec_stages(&params)?;
+        let need = memory::plan(
+            &config,
+            opts.dtype,
+            opts.quant,
+            opts.max_positions,
+            &opts.device,
+        )?;
+        memory::check(&need, &opts.device, opts.max_memory)?;
         let weights = Weights::open(&dir.join(WEIGHTS_FILE), &config)?;
         let tokenizer = Tekken::from_file(&dir.join(TOKENIZER_FILE))?;
         let prompt_tokens = PromptTokens::from_tokenizer(&tokenizer)?;

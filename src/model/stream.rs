@@ -20,7 +20,7 @@ impl Default for ChunkSchedule {
     fn default() -> Self {
         Self {
             first: 2,
-            ramp: 5,
+            ramp: 8,
             ramp_until: 25,
             steady: 25,
         }
