@@ -415,3 +415,33 @@ fn missing_sound_device_is_a_clear_error() {
         .unwrap();
     fails_with(&out, "audio");
 }
+
+#[test]
+fn dev_compare_checks_bf16_and_q8_against_the_f32_cpu_path() {
+    let fx = fixture();
+    let compare = |extra: &[&str]| {
+        let mut a = vec!["dev", "compare", "--model", &fx, "--device", "cpu"];
+        a.extend_from_slice(extra);
+        voxtrald(&a)
+    };
+    let json = |out: &Output| -> serde_json::Value {
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap()
+    };
+    // bf16: every cosine >= 0.999 and the same semantic codes.
+    let out = compare(&["--dtype", "bf16"]);
+    ok(&out);
+    let r = json(&out);
+    assert_eq!(r["dtype"], "bf16");
+    assert_eq!(r["semantic_codes_equal"], r["frames"]);
+    for k in ["prefill_hidden_cos", "frame_hidden_cos_min", "waveform_cos"] {
+        assert!(r[k].as_f64().unwrap() >= 0.999, "{k}: {r}");
+    }
+    // q8 (issue bar: cosine >= 0.99; argmax over the random fixture's flat logits may move).
+    let out = compare(&["--quant", "q8", "--min-cos", "0.99", "--allow-code-changes"]);
+    ok(&out);
+    assert!(json(&out)["frame_hidden_cos_min"].as_f64().unwrap() >= 0.99);
+    // A bar bf16 cannot meet fails, with the numbers printed.
+    let out = compare(&["--dtype", "bf16", "--min-cos", "1.0"]);
+    fails_with(&out, "does not match the f32 CPU path");
+    assert!(json(&out)["pass"] == false);
+}

@@ -1,16 +1,18 @@
 //! `voxtrald dev`: model-developer commands with a stable contract, used to compare this
-//! implementation with reference ones. All compute in f32 on the CPU unless told otherwise.
+//! implementation with reference ones. All compute in f32 on the CPU unless told otherwise
+//! (`--device auto` and `--dtype auto` mean the CPU and f32 here).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor};
 use clap::{Args, Subcommand};
+use serde::Serialize;
 
 use super::ModelArgs;
 use crate::atomic::write_atomic_path;
 use crate::model::flow::FlowTrace;
-use crate::model::noise::InjectedNoise;
+use crate::model::noise::{InjectedNoise, SeededNoise};
 use crate::model::random::{write_random_checkpoint, Preset};
 use crate::model::stream::{ChunkSchedule, StreamingDecoder};
 use crate::model::{GenerateOptions, Voxtral, DEFAULT_CFG_ALPHA};
@@ -63,6 +65,10 @@ pub enum DevCommand {
     },
     /// The generation loop with injected noise, to `.npz`.
     Generate(GenerateArgs),
+    /// Compare a device/dtype/quantization against the f32 CPU path: cosine similarity of
+    /// hidden states and waveforms, semantic and acoustic code agreement (teacher-forced on
+    /// the reference codes). Fails when a cosine is below --min-cos or a semantic code differs.
+    Compare(CompareArgs),
     /// Write a random checkpoint in the official layout.
     RandomCheckpoint {
         #[arg(long, value_enum)]
@@ -91,6 +97,146 @@ pub struct GenerateArgs {
     cfg_alpha: f32,
     #[arg(long)]
     out: PathBuf,
+}
+
+#[derive(Args)]
+pub struct CompareArgs {
+    /// The candidate (the reference is always the CPU in f32, unquantized).
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long, default_value = "Hello world, this is a device comparison.")]
+    text: String,
+    /// Default: the checkpoint's first voice.
+    #[arg(long)]
+    voice: Option<String>,
+    #[arg(long, default_value_t = 12)]
+    frames: usize,
+    #[arg(long, default_value_t = 0.999)]
+    min_cos: f64,
+    /// Accept semantic codes that differ (quantized paths may move some).
+    #[arg(long)]
+    allow_code_changes: bool,
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+}
+
+#[derive(Serialize)]
+struct Comparison {
+    device: String,
+    dtype: String,
+    quant: String,
+    frames: usize,
+    prefill_hidden_cos: f64,
+    frame_hidden_cos_min: f64,
+    semantic_codes_equal: usize,
+    acoustic_codes_moved: usize,
+    acoustic_max_level_diff: u32,
+    waveform_cos: f64,
+    waveform_max_abs_diff: f64,
+    pass: bool,
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        let (x, y) = (x as f64, y as f64);
+        ab += x * y;
+        aa += x * x;
+        bb += y * y;
+    }
+    if aa == 0.0 && bb == 0.0 {
+        return 1.0;
+    }
+    ab / (aa.sqrt() * bb.sqrt()).max(f64::MIN_POSITIVE)
+}
+
+fn flat(t: &Tensor) -> anyhow::Result<Vec<f32>> {
+    Ok(t.to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1()?)
+}
+
+fn compare(a: CompareArgs) -> anyhow::Result<()> {
+    let mut reference_args = a.model.clone();
+    reference_args.device = "cpu".into();
+    reference_args.dtype = super::ComputeDtype::F32;
+    reference_args.quant = Default::default();
+    let reference = reference_args.load()?;
+    let candidate = a.model.load()?;
+    let voice = match &a.voice {
+        Some(v) => v.clone(),
+        None => reference
+            .voices()
+            .next()
+            .map(|v| v.name.clone())
+            .context("the checkpoint has no voices")?,
+    };
+    let prompts = (
+        reference.prompt(&voice, &a.text)?,
+        candidate.prompt(&voice, &a.text)?,
+    );
+    let prefill = |m: &Voxtral, p: &crate::model::Prompt| -> anyhow::Result<Vec<f32>> {
+        let mut cache = m.backbone().new_cache();
+        flat(&m.backbone().forward(&mut cache, &p.embeddings)?)
+    };
+    let prefill_hidden_cos = cosine(
+        &prefill(&reference, &prompts.0)?,
+        &prefill(&candidate, &prompts.1)?,
+    );
+    let opts = GenerateOptions {
+        max_frames: a.frames,
+        cfg_alpha: DEFAULT_CFG_ALPHA,
+    };
+    let mut gr = reference.start(&prompts.0, Box::new(SeededNoise::new(a.seed)), &opts)?;
+    let mut gc = candidate.start(&prompts.1, Box::new(SeededNoise::new(a.seed)), &opts)?;
+    let (mut frames, mut hidden_min, mut sem_equal, mut moved, mut max_diff) =
+        (Vec::new(), 1f64, 0, 0, 0u32);
+    while let Some(fr) = gr.next_frame()? {
+        let Some(fc) = gc.next_frame()? else {
+            break;
+        };
+        hidden_min = hidden_min.min(cosine(&flat(&fr.hidden)?, &flat(&fc.hidden)?));
+        sem_equal += usize::from(fr.codes[0] == fc.codes[0]);
+        for (x, y) in fr.codes[1..].iter().zip(&fc.codes[1..]) {
+            moved += usize::from(x != y);
+            max_diff = max_diff.max(x.abs_diff(*y));
+        }
+        gc.force_next_input(fr.codes.clone());
+        frames.push(fr.codes);
+    }
+    let wr = reference.decode(&frames)?;
+    let wc = candidate.decode(&frames)?;
+    let waveform_max_abs_diff = wr
+        .iter()
+        .zip(&wc)
+        .map(|(x, y)| (x - y).abs() as f64)
+        .fold(0.0, f64::max);
+    let waveform_cos = cosine(&wr, &wc);
+    let pass = !frames.is_empty()
+        && prefill_hidden_cos >= a.min_cos
+        && hidden_min >= a.min_cos
+        && waveform_cos >= a.min_cos
+        && (a.allow_code_changes || sem_equal == frames.len());
+    let report = Comparison {
+        device: format!("{:?}", candidate.device()),
+        dtype: format!("{:?}", candidate.dtype()).to_lowercase(),
+        quant: format!("{:?}", a.model.quant).to_lowercase(),
+        frames: frames.len(),
+        prefill_hidden_cos,
+        frame_hidden_cos_min: hidden_min,
+        semantic_codes_equal: sem_equal,
+        acoustic_codes_moved: moved,
+        acoustic_max_level_diff: max_diff,
+        waveform_cos,
+        waveform_max_abs_diff,
+        pass,
+    };
+    println!("{}", serde_json::to_string(&report)?);
+    if !pass {
+        anyhow::bail!("the candidate does not match the f32 CPU path closely enough");
+    }
+    Ok(())
 }
 
 fn write_npz(path: &Path, entries: &[(&str, Tensor)]) -> anyhow::Result<()> {
@@ -166,8 +312,67 @@ pub fn streaming_decode(model: &Voxtral, frames: &[Vec<u32>]) -> crate::Result<V
     Ok(out)
 }
 
+/// The reference contract: `auto` resolves to the CPU in f32.
+fn exact(mut m: ModelArgs) -> ModelArgs {
+    if m.device == "auto" {
+        m.device = "cpu".into();
+    }
+    if m.dtype == super::ComputeDtype::Auto {
+        m.dtype = super::ComputeDtype::F32;
+    }
+    m
+}
+
 pub fn run(cmd: DevCommand) -> anyhow::Result<()> {
+    let cmd = match cmd {
+        DevCommand::Tokenize { model, voice, text } => DevCommand::Tokenize {
+            model: exact(model),
+            voice,
+            text,
+        },
+        DevCommand::Decode {
+            model,
+            codes,
+            out,
+            streaming,
+        } => DevCommand::Decode {
+            model: exact(model),
+            codes,
+            out,
+            streaming,
+        },
+        DevCommand::Prefill {
+            model,
+            voice,
+            text,
+            out,
+        } => DevCommand::Prefill {
+            model: exact(model),
+            voice,
+            text,
+            out,
+        },
+        DevCommand::Flow {
+            model,
+            hidden,
+            noise,
+            cfg_alpha,
+            out,
+        } => DevCommand::Flow {
+            model: exact(model),
+            hidden,
+            noise,
+            cfg_alpha,
+            out,
+        },
+        DevCommand::Generate(mut g) => {
+            g.model = exact(g.model);
+            DevCommand::Generate(g)
+        }
+        other => other,
+    };
     match cmd {
+        DevCommand::Compare(a) => compare(a)?,
         DevCommand::Tokenize { model, voice, text } => {
             let m = model.load()?;
             let ids = match voice {

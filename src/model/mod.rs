@@ -409,6 +409,14 @@ impl Generation<'_> {
         self.cache.len()
     }
 
+    /// Feeds `codes` to the backbone's next step in place of the frame just generated
+    /// (teacher forcing), so that two devices can be compared frame by frame on one path.
+    pub fn force_next_input(&mut self, codes: Vec<u32>) {
+        if self.pending.is_some() {
+            self.pending = Some(codes);
+        }
+    }
+
     /// The next frame, or `None` once generation has ended. Ending before the first frame is
     /// [`Error::NoAudio`].
     pub fn next_frame(&mut self) -> Result<Option<Frame>> {

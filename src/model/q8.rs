@@ -251,6 +251,7 @@ mod vnni {
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     #[inline]
+    #[allow(clippy::needless_range_loop)] // fixed-size register tiles, indexed on purpose
     unsafe fn tile_fixed<const R: usize, const C: usize>(
         m: &Q8Matrix,
         a: &Q8Rows,
@@ -329,6 +330,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::needless_range_loop)]
     fn matches_f32_matmul_and_the_scalar_sums() -> Result<()> {
         let (out, inp, rows) = (37, 192, 11);
         let w = Tensor::from_vec(data(out * inp, 1), (out, inp), &Device::Cpu)?;
