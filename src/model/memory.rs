@@ -14,9 +14,8 @@ use crate::error::{Error, Result};
 const WORKING_CPU: u64 = 512 << 20;
 const WORKING_GPU: u64 = 1 << 30;
 
-/// Bytes per int8 weight: one byte plus a 4-byte scale per block of 32 (the larger of the
-/// two q8 layouts in use).
-const Q8_BYTES_PER_WEIGHT: f64 = 1.0 + 4.0 / 32.0;
+/// Bytes per int8 weight: ggml's Q8_0, one byte plus a 2-byte scale per block of 32.
+const Q8_BYTES_PER_WEIGHT: f64 = 1.0 + 2.0 / 32.0;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryPlan {

@@ -9,7 +9,6 @@ pub mod memory;
 pub mod nn;
 pub mod noise;
 pub mod prompt;
-pub mod q8;
 pub mod random;
 pub mod stream;
 pub mod voice;

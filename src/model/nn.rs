@@ -32,8 +32,6 @@ pub enum Proj {
     /// Dense, taking the weight-major path for few rows.
     DenseFewRows(Linear),
     Q8(QMatMul),
-    /// Int8 with the AVX-512 VNNI kernel (CPU).
-    Q8Vnni(std::sync::Arc<super::q8::Q8Matrix>),
 }
 
 impl Proj {
@@ -46,13 +44,6 @@ impl Proj {
                 Default::default(),
                 DType::F32,
             )?;
-            if vb.device().is_cpu()
-                && super::q8::supported()
-                && in_dim.is_multiple_of(2 * super::q8::BLOCK)
-            {
-                let m = super::q8::Q8Matrix::quantize(&w)?;
-                return Ok(Proj::Q8Vnni(std::sync::Arc::new(m)));
-            }
             let q = QTensor::quantize(&w, GgmlDType::Q8_0)?;
             return Ok(Proj::Q8(QMatMul::from_qtensor(q)?));
         }
@@ -86,7 +77,6 @@ impl Module for Proj {
                 let dtype = x.dtype();
                 q.forward(&x.to_dtype(DType::F32)?)?.to_dtype(dtype)
             }
-            Proj::Q8Vnni(m) => m.forward(x),
         }
     }
 }
