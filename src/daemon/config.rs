@@ -185,5 +185,8 @@ mod tests {
         assert!(e.contains("`rate`"), "{e}");
         let e = parse("device = \"tpu\"").unwrap_err().to_string();
         assert!(e.contains("`device`"), "{e}");
+        let e = parse("max_memory = \"lots\"").unwrap_err().to_string();
+        assert!(e.contains("`max_memory`"), "{e}");
+        assert!(parse("max_memory = \"6GiB\"\ndtype = \"auto\"").is_ok());
     }
 }
