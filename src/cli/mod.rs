@@ -153,7 +153,14 @@ pub fn parse_device(s: &str) -> anyhow::Result<Device> {
     parse_device_name(s)?;
     match s {
         "cpu" => Ok(Device::Cpu),
-        "auto" => Ok(Device::cuda_if_available(0).unwrap_or(Device::Cpu)),
+        "auto" => Ok(if candle_core::utils::cuda_is_available() {
+            open_cuda(0).unwrap_or_else(|e| {
+                tracing::warn!("no usable CUDA device, using the CPU: {e:#}");
+                Device::Cpu
+            })
+        } else {
+            Device::Cpu
+        }),
         s if s == "cuda" || s.starts_with("cuda:") => {
             let n: usize = s
                 .strip_prefix("cuda:")
@@ -164,9 +171,34 @@ pub fn parse_device(s: &str) -> anyhow::Result<Device> {
             if !candle_core::utils::cuda_is_available() {
                 bail!("device {s}: this voxtrald was built without CUDA support (build with --features cuda)");
             }
-            Device::new_cuda(n).with_context(|| format!("cannot open CUDA device {n}"))
+            open_cuda(n)
         }
         other => bail!("unknown device {other:?} (expected auto, cpu, cuda or cuda:N)"),
+    }
+}
+
+/// Opens CUDA device `n`. CUDA builds load libcuda, cuBLAS and cuRAND at run time, and cudarc
+/// panics when one of them cannot be loaded; that becomes an error here instead.
+fn open_cuda(n: usize) -> anyhow::Result<Device> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let opened = std::panic::catch_unwind(|| Device::new_cuda(n));
+    std::panic::set_hook(hook);
+    match opened {
+        Ok(dev) => dev.with_context(|| format!("cannot open CUDA device {n}")),
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("unknown error");
+            // cudarc appends every file name it tried; the first sentence says what is missing.
+            let msg = msg.split(" - searched for").next().unwrap_or(msg);
+            bail!(
+                "cannot open CUDA device {n}: {msg} (needs the NVIDIA driver and the CUDA 13 \
+                 libraries on the loader path, e.g. LD_LIBRARY_PATH)"
+            )
+        }
     }
 }
 
