@@ -324,57 +324,10 @@ fn exact(mut m: ModelArgs) -> ModelArgs {
 }
 
 pub fn run(cmd: DevCommand) -> anyhow::Result<()> {
-    let cmd = match cmd {
-        DevCommand::Tokenize { model, voice, text } => DevCommand::Tokenize {
-            model: exact(model),
-            voice,
-            text,
-        },
-        DevCommand::Decode {
-            model,
-            codes,
-            out,
-            streaming,
-        } => DevCommand::Decode {
-            model: exact(model),
-            codes,
-            out,
-            streaming,
-        },
-        DevCommand::Prefill {
-            model,
-            voice,
-            text,
-            out,
-        } => DevCommand::Prefill {
-            model: exact(model),
-            voice,
-            text,
-            out,
-        },
-        DevCommand::Flow {
-            model,
-            hidden,
-            noise,
-            cfg_alpha,
-            out,
-        } => DevCommand::Flow {
-            model: exact(model),
-            hidden,
-            noise,
-            cfg_alpha,
-            out,
-        },
-        DevCommand::Generate(mut g) => {
-            g.model = exact(g.model);
-            DevCommand::Generate(g)
-        }
-        other => other,
-    };
     match cmd {
         DevCommand::Compare(a) => compare(a)?,
         DevCommand::Tokenize { model, voice, text } => {
-            let m = model.load()?;
+            let m = exact(model).load()?;
             let ids = match voice {
                 Some(v) => m.prompt_ids(&v, &text)?,
                 None => m.encode_text(&text),
@@ -387,7 +340,7 @@ pub fn run(cmd: DevCommand) -> anyhow::Result<()> {
             out,
             streaming,
         } => {
-            let m = model.load()?;
+            let m = exact(model).load()?;
             let frames = read_codes(&codes, m.codec().codes_per_frame())?;
             let wave = if streaming {
                 streaming_decode(&m, &frames)?
@@ -403,7 +356,7 @@ pub fn run(cmd: DevCommand) -> anyhow::Result<()> {
             text,
             out,
         } => {
-            let m = model.load()?;
+            let m = exact(model).load()?;
             let prompt = m.prompt(&voice, &text)?;
             let mut cache = m.backbone().new_cache();
             let hidden = m
@@ -439,7 +392,7 @@ pub fn run(cmd: DevCommand) -> anyhow::Result<()> {
             cfg_alpha,
             out,
         } => {
-            let m = model.load()?;
+            let m = exact(model).load()?;
             let h = read_f32(&hidden)?.to_device(m.device())?;
             let noise: Vec<f32> = read_f32(&noise)?.flatten_all()?.to_vec1()?;
             if h.dims() != [m.config().dim] || noise.len() != m.head().n_acoustic() {
@@ -478,7 +431,7 @@ pub fn run(cmd: DevCommand) -> anyhow::Result<()> {
             )?;
         }
         DevCommand::Generate(g) => {
-            let m = g.model.load()?;
+            let m = exact(g.model).load()?;
             let noise = read_f32(&g.noise)?;
             let (_, a) = noise
                 .dims2()
