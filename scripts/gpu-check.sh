@@ -70,6 +70,9 @@ with_peak_memory full-bf16 "$bin" bench --model "$work/full" --device cuda --dty
     --frames 100 --runs 3 --json
 with_peak_memory full-q8 "$bin" bench --model "$work/full" --device cuda --dtype bf16 \
     --quant q8 --frames 100 --runs 3 --json
+# Throughput with concurrent utterances decoded together (shared backbone steps and flow passes).
+with_peak_memory full-streams "$bin" bench --model "$work/full" --device cuda --dtype bf16 \
+    --frames 100 --runs 1 --streams 1,4,16 --json
 # Two minutes of audio (1500 frames) in one stream: the memory bound of the issue.
 with_peak_memory full-bf16-2min "$bin" bench --model "$work/full" --device cuda --dtype bf16 \
     --frames 1500 --runs 1 --json

@@ -30,6 +30,115 @@ pub struct BenchArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+    /// Concurrent utterances decoded together (shared backbone steps and flow passes), e.g.
+    /// `1,4,16`: reports each count's real-time factor per stream, one model load for all.
+    #[arg(long, value_delimiter = ',')]
+    streams: Vec<usize>,
+}
+
+#[derive(Serialize)]
+struct StreamsRun {
+    streams: usize,
+    frames_per_stream: usize,
+    wall_s: f64,
+    /// Wall time over the audio of one stream: below 1 keeps up with playback.
+    rtf_per_stream: f64,
+    /// Seconds of audio produced per second, all streams together.
+    audio_s_per_s: f64,
+}
+
+#[derive(Serialize)]
+struct StreamsReport {
+    device: String,
+    dtype: String,
+    quant: String,
+    runs: usize,
+    results: Vec<StreamsRun>,
+}
+
+/// `n` utterances (same text, other seeds) from prefill to the last chunk, stepped together.
+fn streams_run(a: &BenchArgs, model: &Voxtral, n: usize) -> anyhow::Result<StreamsRun> {
+    let start = Instant::now();
+    let prompt = model.prompt(&a.voice, &a.text)?;
+    let opts = GenerateOptions {
+        max_frames: a.frames,
+        ..Default::default()
+    };
+    let mut gens = (0..n)
+        .map(|i| model.start(&prompt, Box::new(SeededNoise::new(i as u64)), &opts))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut decs: Vec<_> = (0..n)
+        .map(|_| StreamingDecoder::new(ChunkSchedule::default()))
+        .collect();
+    let mut samples = vec![0usize; n];
+    loop {
+        let mut refs: Vec<_> = gens.iter_mut().collect();
+        let mut any = false;
+        for (i, r) in model.next_frames(&mut refs)?.into_iter().enumerate() {
+            if let Some(f) = r? {
+                any = true;
+                if let Some(c) = decs[i].push(model.codec(), f.codes)? {
+                    samples[i] += c.len();
+                }
+            }
+        }
+        if !any {
+            break;
+        }
+    }
+    for (d, s) in decs.iter_mut().zip(&mut samples) {
+        *s += d.flush(model.codec())?.len();
+    }
+    let wall_s = start.elapsed().as_secs_f64();
+    let audio: Vec<f64> = samples
+        .iter()
+        .map(|&s| s as f64 / model.sample_rate() as f64)
+        .collect();
+    let per_stream = audio
+        .iter()
+        .cloned()
+        .fold(f64::INFINITY, f64::min)
+        .max(1e-9);
+    Ok(StreamsRun {
+        streams: n,
+        frames_per_stream: gens.iter().map(|g| g.frames()).min().unwrap_or(0),
+        wall_s,
+        rtf_per_stream: wall_s / per_stream,
+        audio_s_per_s: audio.iter().sum::<f64>() / wall_s,
+    })
+}
+
+fn run_streams(a: &BenchArgs) -> anyhow::Result<()> {
+    let model = a.model.load()?;
+    let mut results = Vec::new();
+    for &n in &a.streams {
+        let runs = (0..a.runs.max(1))
+            .map(|_| streams_run(a, &model, n.max(1)))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let wall = median(runs.iter().map(|r| r.wall_s).collect());
+        let r = runs
+            .into_iter()
+            .min_by(|x, y| (x.wall_s - wall).abs().total_cmp(&(y.wall_s - wall).abs()))
+            .expect("at least one run");
+        if !a.json {
+            eprintln!(
+                "{} streams x {} frames: {:.2} s, RTF per stream {:.3}, {:.2} s of audio per second",
+                r.streams, r.frames_per_stream, r.wall_s, r.rtf_per_stream, r.audio_s_per_s
+            );
+        }
+        results.push(r);
+    }
+    let report = StreamsReport {
+        device: format!("{:?}", model.device()),
+        dtype: format!("{:?}", model.dtype()).to_lowercase(),
+        quant: format!("{:?}", a.model.quant).to_lowercase(),
+        runs: a.runs.max(1),
+        results,
+    };
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    }
+    Ok(())
 }
 
 #[derive(Serialize, Default, Clone)]
@@ -131,6 +240,9 @@ fn one_run(a: &BenchArgs, model: &Voxtral, load_s: f64) -> anyhow::Result<Run> {
 }
 
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
+    if !a.streams.is_empty() {
+        return run_streams(&a);
+    }
     let mut runs = Vec::new();
     let (mut device, mut dtype) = (String::new(), String::new());
     for i in 0..a.runs.max(1) {

@@ -153,6 +153,52 @@ impl Backbone {
         Ok(self.norm.forward(&x)?.squeeze(0)?)
     }
 
+    /// One step for several sequences at once: row `b` of `embeds` `[B, dim]` goes at the next
+    /// position of `caches[b]`. Projections and feed-forwards run on all rows together (one
+    /// pass over the weights for the batch); attention runs per sequence on its own cache.
+    /// Fails without touching any cache if one of them is full. Returns normed `[B, dim]`.
+    pub fn step_batch(
+        &self,
+        caches: &mut [&mut BackboneCache],
+        embeds: &Tensor,
+    ) -> crate::Result<Tensor> {
+        let (b, _) = embeds.dims2()?;
+        if b != caches.len() {
+            return Err(crate::Error::InvalidInput(format!(
+                "{b} inputs for {} sequences",
+                caches.len()
+            )));
+        }
+        if let Some(c) = caches.iter().find(|c| c.len + 1 > self.max_positions) {
+            return Err(crate::Error::ContextOverflow {
+                needed: c.len + 1,
+                limit: self.max_positions,
+            });
+        }
+        let rope = caches
+            .iter()
+            .map(|c| Ok((self.cos.narrow(0, c.len, 1)?, self.sin.narrow(0, c.len, 1)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let mut x = embeds.to_dtype(self.cos.dtype())?.unsqueeze(1)?; // [B, 1, dim]
+        for (l, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(&x, |q, k, v| {
+                let mut outs = Vec::with_capacity(b);
+                for (i, cache) in caches.iter_mut().enumerate() {
+                    let (cos, sin) = &rope[i];
+                    let q = candle_nn::rotary_emb::rope_i(&q.narrow(0, i, 1)?, cos, sin)?;
+                    let k = candle_nn::rotary_emb::rope_i(&k.narrow(0, i, 1)?, cos, sin)?;
+                    let (k, v) = cache.layers[l].append(&k, &v.narrow(0, i, 1)?)?;
+                    outs.push(attention(&q, &k, &v, None)?);
+                }
+                Tensor::cat(&outs, 0)
+            })?;
+        }
+        for c in caches.iter_mut() {
+            c.len += 1;
+        }
+        Ok(self.norm.forward(&x)?.squeeze(1)?)
+    }
+
     pub fn dim(&self) -> usize {
         self.dim
     }

@@ -122,10 +122,15 @@ impl AcousticHead {
 
     /// Unmasked semantic logits (all padded rows) for `h` `[dim]`, in f32.
     pub fn semantic_logits(&self, h: &Tensor) -> Result<Vec<f32>> {
-        let h = h.to_dtype(DType::F32)?.unsqueeze(0)?;
-        h.matmul(&self.semantic_codebook_output.t()?)?
-            .squeeze(0)?
-            .to_vec1()
+        let mut rows = self.semantic_logits_batch(&h.unsqueeze(0)?)?;
+        Ok(rows.pop().unwrap_or_default())
+    }
+
+    /// [`Self::semantic_logits`] for each row of `h` `[B, dim]`.
+    pub fn semantic_logits_batch(&self, h: &Tensor) -> Result<Vec<Vec<f32>>> {
+        h.to_dtype(DType::F32)?
+            .matmul(&self.semantic_codebook_output.t()?)?
+            .to_vec2()
     }
 
     /// Greedy semantic code (with the +2 offset): `[EMPTY_AUDIO]` and padding rows are masked,
@@ -161,36 +166,55 @@ impl AcousticHead {
         h: &Tensor,
         noise: &[f32],
         cfg_alpha: f32,
-        mut trace: Option<&mut FlowTrace>,
+        trace: Option<&mut FlowTrace>,
     ) -> Result<Vec<f32>> {
+        let mut x = self.integrate_batch(&h.unsqueeze(0)?, &[noise.to_vec()], cfg_alpha, trace)?;
+        Ok(x.pop().unwrap_or_default())
+    }
+
+    /// [`Self::integrate`] for several frames at once (one per row of `h` `[B, dim]`): every
+    /// Euler step is one pass of `2B` rows (the conditional rows, then the unconditional
+    /// ones), so the weights are read once for the whole batch. `trace` records row 0.
+    pub fn integrate_batch(
+        &self,
+        h: &Tensor,
+        noise: &[Vec<f32>],
+        cfg_alpha: f32,
+        mut trace: Option<&mut FlowTrace>,
+    ) -> Result<Vec<Vec<f32>>> {
         let dev = self.device();
-        let c = self
-            .llm_projection
-            .forward(&h.to_dtype(self.dtype)?.unsqueeze(0)?)?;
+        let b = h.dim(0)?;
+        if noise.len() != b || noise.iter().any(|n| n.len() != self.n_acoustic) {
+            return Err(candle_core::Error::Msg(format!(
+                "flow batch: {b} states but {} noise vectors of {} values",
+                noise.len(),
+                self.n_acoustic
+            )));
+        }
+        let c = self.llm_projection.forward(&h.to_dtype(self.dtype)?)?;
         let c = Tensor::cat(&[&c, &c.zeros_like()?], 0)?;
-        let mut x: Vec<f32> = noise.to_vec();
+        let mut x: Vec<f32> = noise.concat();
         let dt = 1.0 / self.steps as f32;
+        let a = self.n_acoustic;
         for i in 0..self.steps {
-            let xt = Tensor::from_slice(&x, (1, self.n_acoustic), dev)?;
+            let xt = Tensor::from_slice(&x, (b, a), dev)?;
             let v = self.velocity(&xt.repeat((2, 1))?, i, &c)?;
-            let mut rows = v.to_vec2::<f32>()?.into_iter();
-            let (Some(v_c), Some(v_u)) = (rows.next(), rows.next()) else {
-                return Err(candle_core::Error::Msg("velocity batch lost a row".into()));
-            };
+            let v = v.flatten_all()?.to_vec1::<f32>()?;
+            let (v_c, v_u) = v.split_at(b * a);
             if let Some(t) = trace.as_deref_mut() {
                 t.t.push(i as f32 / self.steps as f32);
-                t.x_in.push(x.clone());
-                t.v_cond.push(v_c.clone());
-                t.v_uncond.push(v_u.clone());
+                t.x_in.push(x[..a].to_vec());
+                t.v_cond.push(v_c[..a].to_vec());
+                t.v_uncond.push(v_u[..a].to_vec());
             }
-            for j in 0..x.len() {
-                x[j] += dt * (cfg_alpha * v_c[j] + (1.0 - cfg_alpha) * v_u[j]);
+            for (j, x) in x.iter_mut().enumerate() {
+                *x += dt * (cfg_alpha * v_c[j] + (1.0 - cfg_alpha) * v_u[j]);
             }
         }
         if let Some(t) = trace {
-            t.x_final = x.clone();
+            t.x_final = x[..a].to_vec();
         }
-        Ok(x)
+        Ok(x.chunks(a).map(<[f32]>::to_vec).collect())
     }
 
     /// Acoustic codes (with the +2 offset) for integrated values.

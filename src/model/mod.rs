@@ -476,3 +476,130 @@ impl Generation<'_> {
         Ok(Some(Frame { codes, hidden: h }))
     }
 }
+
+impl Voxtral {
+    /// Advances several generations by one frame each, sharing the work: one backbone step
+    /// for all of them and one flow-head pass per Euler step over all their rows, so that the
+    /// weights are read once per frame for the whole batch. Each result is what
+    /// [`Generation::next_frame`] would give for that generation; the frames are the same up
+    /// to float rounding (batched matmuls may sum in another order). An error of the shared
+    /// compute fails the call.
+    pub fn next_frames(
+        &self,
+        gens: &mut [&mut Generation<'_>],
+    ) -> Result<Vec<Result<Option<Frame>>>> {
+        let mut out: Vec<Result<Option<Frame>>> = (0..gens.len()).map(|_| Ok(None)).collect();
+        let mut active = Vec::new();
+        for (i, g) in gens.iter_mut().enumerate() {
+            if g.finished.is_some() {
+                continue;
+            }
+            if g.frames >= g.max_frames {
+                g.finished = Some(StopReason::MaxFrames);
+                continue;
+            }
+            if g.pending.is_some() && g.cache.len() + 1 > self.backbone.max_positions() {
+                g.finished = Some(StopReason::ContextLimit);
+                continue;
+            }
+            active.push(i);
+        }
+        // The backbone step for those that have a frame to feed back.
+        let stepping: Vec<usize> = active
+            .iter()
+            .copied()
+            .filter(|&i| gens[i].pending.is_some())
+            .collect();
+        if !stepping.is_empty() {
+            let t = Instant::now();
+            let embeds = stepping
+                .iter()
+                .map(|&i| {
+                    let codes = gens[i].pending.take().unwrap_or_default();
+                    self.backbone.embed_frame(&codes)
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let embeds = Tensor::cat(&embeds, 0)?;
+            let mut caches: Vec<&mut BackboneCache> = Vec::with_capacity(stepping.len());
+            let mut rest: &mut [&mut Generation<'_>] = gens;
+            let mut base = 0;
+            for &i in &stepping {
+                let (_, tail) = rest.split_at_mut(i - base);
+                let (g, tail) = tail.split_first_mut().expect("index in range");
+                caches.push(&mut g.cache);
+                rest = tail;
+                base = i + 1;
+            }
+            let h = self.backbone.step_batch(&mut caches, &embeds)?;
+            let took = t.elapsed();
+            for (row, &i) in stepping.iter().enumerate() {
+                gens[i].h = Some(h.get(row)?);
+                gens[i].timings.backbone += took;
+                gens[i].timings.backbone_steps += 1;
+            }
+        }
+        // Semantic codes, then the flow head for those that go on.
+        let t = Instant::now();
+        let with_state: Vec<usize> = active
+            .into_iter()
+            .filter(|&i| gens[i].h.is_some())
+            .collect();
+        if with_state.is_empty() {
+            return Ok(out);
+        }
+        let hs = with_state
+            .iter()
+            .map(|&i| gens[i].h.take().expect("filtered on h"))
+            .collect::<Vec<_>>();
+        let logits = self.head.semantic_logits_batch(&Tensor::stack(&hs, 0)?)?;
+        let mut going = Vec::new();
+        for ((&i, h), logits) in with_state.iter().zip(hs).zip(logits) {
+            let semantic = self.head.semantic_code(&logits);
+            if semantic == END_AUDIO {
+                gens[i].finished = Some(StopReason::EndOfAudio);
+                if gens[i].frames == 0 {
+                    out[i] = Err(Error::NoAudio);
+                }
+                continue;
+            }
+            going.push((i, h, semantic));
+        }
+        if going.is_empty() {
+            return Ok(out);
+        }
+        let scale = self.head.noise_scale();
+        let mut noise = Vec::with_capacity(going.len());
+        for (i, _, _) in &going {
+            let g = &mut gens[*i];
+            let n = g.noise.frame(g.frames, self.head.n_acoustic())?;
+            noise.push(n.into_iter().map(|v| v * scale).collect::<Vec<f32>>());
+        }
+        let cfg = gens[going[0].0].cfg_alpha;
+        let hs = Tensor::stack(
+            &going.iter().map(|(_, h, _)| h.clone()).collect::<Vec<_>>(),
+            0,
+        )?;
+        let xs = if going.iter().all(|(i, _, _)| gens[*i].cfg_alpha == cfg) {
+            self.head.integrate_batch(&hs, &noise, cfg, None)?
+        } else {
+            // Different guidance strengths cannot share a pass.
+            going
+                .iter()
+                .zip(&noise)
+                .map(|((i, h, _), n)| self.head.integrate(h, n, gens[*i].cfg_alpha, None))
+                .collect::<candle_core::Result<Vec<_>>>()?
+        };
+        let took = t.elapsed();
+        for ((i, h, semantic), x) in going.into_iter().zip(xs) {
+            let g = &mut gens[i];
+            let mut codes = Vec::with_capacity(1 + x.len());
+            codes.push(semantic);
+            codes.extend(self.head.quantize(&x));
+            g.timings.flow += took;
+            g.frames += 1;
+            g.pending = Some(codes.clone());
+            out[i] = Ok(Some(Frame { codes, hidden: h }));
+        }
+        Ok(out)
+    }
+}

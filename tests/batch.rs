@@ -1,0 +1,68 @@
+//! Several utterances decoded together share each backbone step and flow-head pass; the frames
+//! must be those of decoding each alone.
+
+mod common;
+
+use common::*;
+use voxtrald::model::noise::SeededNoise;
+use voxtrald::model::{Frame, GenerateOptions, Generation, Voxtral};
+
+fn start<'m>(m: &'m Voxtral, voice: &str, text: &str, seed: u64, frames: usize) -> Generation<'m> {
+    let prompt = m.prompt(voice, text).unwrap();
+    let opts = GenerateOptions {
+        max_frames: frames,
+        ..Default::default()
+    };
+    m.start(&prompt, Box::new(SeededNoise::new(seed)), &opts)
+        .unwrap()
+}
+
+fn flat(f: &Frame) -> Vec<f32> {
+    f.hidden.flatten_all().unwrap().to_vec1().unwrap()
+}
+
+#[test]
+fn batched_frames_equal_frames_decoded_alone() {
+    let m = model();
+    let cases = [
+        ("casual_male", "Hello world.", 3, 9),
+        ("fr_female", "Bonjour à tous, comment allez-vous ?", 4, 6),
+        ("de_male", "Guten Tag.", 5, 12),
+    ];
+    let alone: Vec<Vec<Frame>> = cases
+        .iter()
+        .map(|&(v, t, seed, n)| {
+            let mut g = start(m, v, t, seed, n);
+            std::iter::from_fn(|| g.next_frame().unwrap()).collect()
+        })
+        .collect();
+    let mut gens: Vec<Generation> = cases
+        .iter()
+        .map(|&(v, t, seed, n)| start(m, v, t, seed, n))
+        .collect();
+    let mut together: Vec<Vec<Frame>> = vec![Vec::new(); cases.len()];
+    loop {
+        let mut refs: Vec<&mut Generation> = gens.iter_mut().collect();
+        let step = m.next_frames(&mut refs).unwrap();
+        if step.iter().all(|r| matches!(r, Ok(None))) {
+            break;
+        }
+        for (i, r) in step.into_iter().enumerate() {
+            if let Some(f) = r.unwrap() {
+                together[i].push(f);
+            }
+        }
+    }
+    for (i, (a, b)) in alone.iter().zip(&together).enumerate() {
+        assert_eq!(a.len(), b.len(), "utterance {i}: frame counts");
+        assert_eq!(a.len(), cases[i].3, "utterance {i} ran to its frame limit");
+        for (fa, fb) in a.iter().zip(b) {
+            assert_eq!(fa.codes, fb.codes, "utterance {i}: codes");
+            let d = max_abs_diff(&flat(fa), &flat(fb));
+            assert!(d <= 1e-4, "utterance {i}: hidden states differ by {d}");
+        }
+    }
+    for g in &gens {
+        assert!(g.stop_reason().is_some());
+    }
+}
