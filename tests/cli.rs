@@ -445,3 +445,28 @@ fn dev_compare_checks_bf16_and_q8_against_the_f32_cpu_path() {
     fails_with(&out, "does not match the f32 CPU path");
     assert!(json(&out)["pass"] == false);
 }
+
+#[test]
+fn bench_reports_single_and_multi_stream_json() {
+    let fx = fixture();
+    let base = ["bench", "--model", &fx, "--device", "cpu", "--frames", "3"];
+    let out = ok(&voxtrald(&[&base[..], &["--runs", "1", "--json"]].concat()));
+    let r: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    for k in [
+        "load_s",
+        "prefill_s",
+        "first_audio_s",
+        "backbone_ms_per_frame",
+        "rtf",
+    ] {
+        assert!(r[k].as_f64().unwrap() > 0.0, "{k}: {r}");
+    }
+    assert_eq!(r["dtype"], "f32");
+    let args = [&base[..], &["--runs", "1", "--streams", "1,3", "--json"]].concat();
+    let r: serde_json::Value = serde_json::from_str(ok(&voxtrald(&args)).trim()).unwrap();
+    let results = r["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2);
+    assert_eq!(results[1]["streams"], 3);
+    assert_eq!(results[1]["frames_per_stream"], 3);
+    assert!(results[1]["audio_s_per_s"].as_f64().unwrap() > 0.0);
+}
