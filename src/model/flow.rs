@@ -193,28 +193,30 @@ impl AcousticHead {
         }
         let c = self.llm_projection.forward(&h.to_dtype(self.dtype)?)?;
         let c = Tensor::cat(&[&c, &c.zeros_like()?], 0)?;
-        let mut x: Vec<f32> = noise.concat();
-        let dt = 1.0 / self.steps as f32;
         let a = self.n_acoustic;
+        // The ODE state stays on the device in f32: one copy back per frame, not per step.
+        let mut x = Tensor::from_vec(noise.concat(), (b, a), dev)?;
+        // The coefficients in f32, as the reference computes them (candle takes f64).
+        let dt = (1.0 / self.steps as f32) as f64;
+        let (alpha, beta) = (cfg_alpha as f64, (1.0 - cfg_alpha) as f64);
         for i in 0..self.steps {
-            let xt = Tensor::from_slice(&x, (b, a), dev)?;
-            let v = self.velocity(&xt.repeat((2, 1))?, i, &c)?;
-            let v = v.flatten_all()?.to_vec1::<f32>()?;
-            let (v_c, v_u) = v.split_at(b * a);
+            let v = self.velocity(&x.repeat((2, 1))?, i, &c)?;
+            let (v_c, v_u) = (v.narrow(0, 0, b)?, v.narrow(0, b, b)?);
             if let Some(t) = trace.as_deref_mut() {
                 t.t.push(i as f32 / self.steps as f32);
-                t.x_in.push(x[..a].to_vec());
-                t.v_cond.push(v_c[..a].to_vec());
-                t.v_uncond.push(v_u[..a].to_vec());
+                t.x_in.push(x.get(0)?.to_vec1()?);
+                t.v_cond.push(v_c.get(0)?.to_vec1()?);
+                t.v_uncond.push(v_u.get(0)?.to_vec1()?);
             }
-            for (j, x) in x.iter_mut().enumerate() {
-                *x += dt * (cfg_alpha * v_c[j] + (1.0 - cfg_alpha) * v_u[j]);
-            }
+            // x += dt * (alpha * v_c + (1 - alpha) * v_u), in that order, in f32.
+            let guided = (v_c.affine(alpha, 0.0)? + v_u.affine(beta, 0.0)?)?;
+            x = (x + guided.affine(dt, 0.0)?)?;
         }
+        let x = x.to_vec2::<f32>()?;
         if let Some(t) = trace {
-            t.x_final = x[..a].to_vec();
+            t.x_final = x[0].clone();
         }
-        Ok(x.chunks(a).map(<[f32]>::to_vec).collect())
+        Ok(x)
     }
 
     /// Acoustic codes (with the +2 offset) for integrated values.
