@@ -422,58 +422,13 @@ impl Generation<'_> {
         self.next_frame_traced(None)
     }
 
+    /// [`Self::next_frame`], recording the flow head's ODE in `trace`.
     pub fn next_frame_traced(&mut self, trace: Option<&mut FlowTrace>) -> Result<Option<Frame>> {
-        if self.finished.is_some() {
-            return Ok(None);
-        }
-        if self.frames >= self.max_frames {
-            self.finished = Some(StopReason::MaxFrames);
-            return Ok(None);
-        }
-        let m = self.model;
-        if let Some(codes) = self.pending.take() {
-            let t = Instant::now();
-            let x = m.backbone.embed_frame(&codes)?;
-            let step = m.backbone.forward(&mut self.cache, &x);
-            self.timings.backbone += t.elapsed();
-            self.timings.backbone_steps += 1;
-            match step {
-                Ok(h) => self.h = Some(h.squeeze(0)?),
-                Err(Error::ContextOverflow { .. }) => {
-                    self.finished = Some(StopReason::ContextLimit);
-                    return Ok(None);
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        let Some(h) = self.h.take() else {
-            return Ok(None);
-        };
-        let t = Instant::now();
-        let logits = m.head.semantic_logits(&h)?;
-        let semantic = m.head.semantic_code(&logits);
-        if semantic == END_AUDIO {
-            self.finished = Some(StopReason::EndOfAudio);
-            if self.frames == 0 {
-                return Err(Error::NoAudio);
-            }
-            return Ok(None);
-        }
-        let scale = m.head.noise_scale();
-        let noise: Vec<f32> = self
-            .noise
-            .frame(self.frames, m.head.n_acoustic())?
-            .into_iter()
-            .map(|v| v * scale)
-            .collect();
-        let x = m.head.integrate(&h, &noise, self.cfg_alpha, trace)?;
-        self.timings.flow += t.elapsed();
-        let mut codes = Vec::with_capacity(1 + x.len());
-        codes.push(semantic);
-        codes.extend(m.head.quantize(&x));
-        self.frames += 1;
-        self.pending = Some(codes.clone());
-        Ok(Some(Frame { codes, hidden: h }))
+        let model = self.model;
+        model
+            .step_frames(&mut [self], trace)?
+            .pop()
+            .unwrap_or(Ok(None))
     }
 }
 
@@ -487,6 +442,15 @@ impl Voxtral {
     pub fn next_frames(
         &self,
         gens: &mut [&mut Generation<'_>],
+    ) -> Result<Vec<Result<Option<Frame>>>> {
+        self.step_frames(gens, None)
+    }
+
+    /// The one frame step, for one generation or many; `trace` records the first one's ODE.
+    fn step_frames(
+        &self,
+        gens: &mut [&mut Generation<'_>],
+        trace: Option<&mut FlowTrace>,
     ) -> Result<Vec<Result<Option<Frame>>>> {
         let mut out: Vec<Result<Option<Frame>>> = (0..gens.len()).map(|_| Ok(None)).collect();
         let mut active = Vec::new();
@@ -580,7 +544,7 @@ impl Voxtral {
             0,
         )?;
         let xs = if going.iter().all(|(i, _, _)| gens[*i].cfg_alpha == cfg) {
-            self.head.integrate_batch(&hs, &noise, cfg, None)?
+            self.head.integrate_batch(&hs, &noise, cfg, trace)?
         } else {
             // Different guidance strengths cannot share a pass.
             going
