@@ -187,13 +187,9 @@ fn open_cuda(n: usize) -> anyhow::Result<Device> {
     match opened {
         Ok(dev) => dev.with_context(|| format!("cannot open CUDA device {n}")),
         Err(panic) => {
-            let msg = panic
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| panic.downcast_ref::<&str>().copied())
-                .unwrap_or("unknown error");
+            let msg = crate::error::panic_message(panic.as_ref());
             // cudarc appends every file name it tried; the first sentence says what is missing.
-            let msg = msg.split(" - searched for").next().unwrap_or(msg);
+            let msg = msg.split(" - searched for").next().unwrap_or(&msg);
             bail!(
                 "cannot open CUDA device {n}: {msg} (needs the NVIDIA driver and the CUDA 13 \
                  libraries on the loader path, e.g. LD_LIBRARY_PATH)"

@@ -465,11 +465,7 @@ fn worker(shared: Arc<Shared>) {
             speak_next_sentence(&shared, &mut job)
         }))
         .unwrap_or_else(|payload| {
-            let what = payload
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "panic".into());
+            let what = crate::error::panic_message(payload.as_ref());
             tracing::error!(job = job.id, %what, "synthesis panicked");
             Err(Error::Internal(what))
         });

@@ -143,10 +143,7 @@ impl Backbone {
         let mut x = embeds.to_dtype(self.cos.dtype())?.unsqueeze(0)?;
         for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
             x = layer.forward(&x, |q, k, v| {
-                let q = candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?;
-                let k = candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?;
-                let (k, v) = kv.append(&k, &v)?;
-                attention(&q, &k, &v, mask.as_ref())
+                attend_cached(kv, &q, &k, &v, (&cos, &sin), mask.as_ref())
             })?;
         }
         cache.len += s;
@@ -185,10 +182,14 @@ impl Backbone {
                 let mut outs = Vec::with_capacity(b);
                 for (i, cache) in caches.iter_mut().enumerate() {
                     let (cos, sin) = &rope[i];
-                    let q = candle_nn::rotary_emb::rope_i(&q.narrow(0, i, 1)?, cos, sin)?;
-                    let k = candle_nn::rotary_emb::rope_i(&k.narrow(0, i, 1)?, cos, sin)?;
-                    let (k, v) = cache.layers[l].append(&k, &v.narrow(0, i, 1)?)?;
-                    outs.push(attention(&q, &k, &v, None)?);
+                    outs.push(attend_cached(
+                        &mut cache.layers[l],
+                        &q.narrow(0, i, 1)?,
+                        &k.narrow(0, i, 1)?,
+                        &v.narrow(0, i, 1)?,
+                        (cos, sin),
+                        None,
+                    )?);
                 }
                 Tensor::cat(&outs, 0)
             })?;
@@ -202,6 +203,22 @@ impl Backbone {
     pub fn dim(&self) -> usize {
         self.dim
     }
+}
+
+/// One sequence's attention at its next positions: RoPE on the new queries and keys, the new
+/// keys and values appended to its cache, then attention over the whole cache.
+fn attend_cached(
+    kv: &mut KvCache,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    (cos, sin): (&Tensor, &Tensor),
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let q = candle_nn::rotary_emb::rope_i(q, cos, sin)?;
+    let k = candle_nn::rotary_emb::rope_i(k, cos, sin)?;
+    let (k, v) = kv.append(&k, v)?;
+    attention(&q, &k, &v, mask)
 }
 
 /// cos/sin `[positions, head_dim/2]` for interleaved RoPE, angles computed in f64.

@@ -484,16 +484,13 @@ impl Voxtral {
                 })
                 .collect::<candle_core::Result<Vec<_>>>()?;
             let embeds = Tensor::cat(&embeds, 0)?;
-            let mut caches: Vec<&mut BackboneCache> = Vec::with_capacity(stepping.len());
-            let mut rest: &mut [&mut Generation<'_>] = gens;
-            let mut base = 0;
-            for &i in &stepping {
-                let (_, tail) = rest.split_at_mut(i - base);
-                let (g, tail) = tail.split_first_mut().expect("index in range");
-                caches.push(&mut g.cache);
-                rest = tail;
-                base = i + 1;
-            }
+            // `stepping` is ascending, so membership is a binary search.
+            let mut caches: Vec<&mut BackboneCache> = gens
+                .iter_mut()
+                .enumerate()
+                .filter(|(i, _)| stepping.binary_search(i).is_ok())
+                .map(|(_, g)| &mut g.cache)
+                .collect();
             let h = self.backbone.step_batch(&mut caches, &embeds)?;
             let took = t.elapsed();
             for (row, &i) in stepping.iter().enumerate() {
@@ -515,7 +512,8 @@ impl Voxtral {
             .iter()
             .map(|&i| gens[i].h.take().expect("filtered on h"))
             .collect::<Vec<_>>();
-        let logits = self.head.semantic_logits_batch(&Tensor::stack(&hs, 0)?)?;
+        let stacked = Tensor::stack(&hs, 0)?;
+        let logits = self.head.semantic_logits_batch(&stacked)?;
         let mut going = Vec::new();
         for ((&i, h), logits) in with_state.iter().zip(hs).zip(logits) {
             let semantic = self.head.semantic_code(&logits);
@@ -539,10 +537,15 @@ impl Voxtral {
             noise.push(n.into_iter().map(|v| v * scale).collect::<Vec<f32>>());
         }
         let cfg = gens[going[0].0].cfg_alpha;
-        let hs = Tensor::stack(
-            &going.iter().map(|(_, h, _)| h.clone()).collect::<Vec<_>>(),
-            0,
-        )?;
+        // Usually every state goes on; otherwise stack the ones that do.
+        let hs = if going.len() == with_state.len() {
+            stacked
+        } else {
+            Tensor::stack(
+                &going.iter().map(|(_, h, _)| h.clone()).collect::<Vec<_>>(),
+                0,
+            )?
+        };
         let xs = if going.iter().all(|(i, _, _)| gens[*i].cfg_alpha == cfg) {
             self.head.integrate_batch(&hs, &noise, cfg, trace)?
         } else {
