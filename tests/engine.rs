@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use common::*;
 use voxtrald::engine::text::{char_slice, split_sentences};
-use voxtrald::engine::{wait_until, Engine, EngineConfig, Event, Job, Priority, SpeechRequest};
+use voxtrald::engine::{
+    wait_until, Destination, Engine, EngineConfig, Event, Job, Priority, SpeechRequest,
+};
 use voxtrald::model::noise::SeededNoise;
 use voxtrald::{Error, GenerateOptions, LoadOptions, Voxtral};
 
@@ -358,4 +360,186 @@ fn rate_changes_duration_not_the_sentence_structure() {
     let mut bad = req("x", Priority::Text, 2);
     bad.rate = 9.0;
     assert!(matches!(e.submit(bad), Err(Error::InvalidInput(_))));
+}
+
+/// Jobs whose audio goes back to their clients, as Spiel and the socket's streams ask.
+fn client_req(voice: &str, text: &str, seed: u64, frames: usize) -> SpeechRequest {
+    let mut r = SpeechRequest::new(text, voice);
+    r.max_frames = frames;
+    r.seed = seed;
+    r.destination = Destination::Client;
+    r
+}
+
+const CLIENT_CASES: [(&str, &str, u64, usize); 3] = [
+    ("casual_male", "Hello world. And a second sentence.", 9, 24),
+    ("fr_female", "Bonjour à tous, comment allez-vous ?", 6, 30),
+    ("de_male", "Guten Tag.", 12, 20),
+];
+
+#[test]
+fn client_jobs_share_decoding_steps_and_sound_as_they_do_alone() {
+    // Alone: one engine per job, so nothing can share a step.
+    let alone: Vec<Vec<Event>> = CLIENT_CASES
+        .iter()
+        .map(|&(v, t, seed, n)| {
+            let e = engine();
+            let events = drain(&mut e.submit(client_req(v, t, seed, n)).unwrap());
+            assert_eq!(e.widest_step(), 1);
+            events
+        })
+        .collect();
+    let e = engine();
+    let mut jobs: Vec<Job> = CLIENT_CASES
+        .iter()
+        .map(|&(v, t, seed, n)| e.submit(client_req(v, t, seed, n)).unwrap())
+        .collect();
+    // Read them in turn, so each consumer keeps up as its own client would.
+    let mut together = vec![Vec::new(); jobs.len()];
+    let mut ended = vec![false; jobs.len()];
+    let deadline = std::time::Instant::now() + LONG;
+    while ended.contains(&false) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "client jobs did not end"
+        );
+        for (i, j) in jobs.iter_mut().enumerate() {
+            match j.recv_timeout(Duration::from_millis(1)) {
+                Ok(Some(ev)) => {
+                    ended[i] = ev.is_terminal();
+                    together[i].push(ev);
+                }
+                Ok(None) => ended[i] = true,
+                Err(()) => {}
+            }
+        }
+    }
+    assert!(
+        e.widest_step() >= 2,
+        "client jobs were decoded one at a time (widest step {})",
+        e.widest_step()
+    );
+    for (i, (a, b)) in alone.iter().zip(&together).enumerate() {
+        let (a_audio, b_audio) = (audio_of(a), audio_of(b));
+        assert!(!a_audio.is_empty(), "job {i} spoke");
+        assert_eq!(a_audio.len(), b_audio.len(), "job {i}: audio length");
+        assert!(
+            max_abs_diff(&a_audio, &b_audio) <= 1e-4,
+            "job {i}: audio differs when decoded with others"
+        );
+        let sentences = |evs: &[Event]| {
+            evs.iter()
+                .filter(|e| matches!(e, Event::Sentence { .. }))
+                .count()
+        };
+        assert_eq!(sentences(a), sentences(b), "job {i}: sentence events");
+        assert!(matches!(b.last(), Some(Event::Finished { .. })), "job {i}");
+    }
+}
+
+#[test]
+fn speaker_jobs_stay_one_at_a_time_beside_client_jobs() {
+    let e = engine();
+    let mut speaker: Vec<Job> = (0..2)
+        .map(|i| {
+            e.submit(req(&format!("Speaker {i} here."), Priority::Text, 12))
+                .unwrap()
+        })
+        .collect();
+    let mut client = e
+        .submit(client_req("casual_female", "A client stream.", 3, 12))
+        .unwrap();
+    // The second speaker job waits for the first; the client job does not wait.
+    assert!(wait_until(LONG, || client.frames() > 0));
+    assert!(wait_until(LONG, || speaker[0].frames() > 0));
+    let first = drain(&mut speaker[0]);
+    assert!(matches!(first.last(), Some(Event::Finished { .. })));
+    let second = drain(&mut speaker[1]);
+    assert!(matches!(second.last(), Some(Event::Finished { .. })));
+    assert!(matches!(
+        drain(&mut client).last(),
+        Some(Event::Finished { .. })
+    ));
+    // Never more than the speaker's job and the client's in one step.
+    assert!(e.widest_step() <= 2, "widest step {}", e.widest_step());
+}
+
+#[test]
+fn client_jobs_are_neither_displaced_nor_dropped_by_priorities() {
+    let e = engine();
+    let mut text = e
+        .submit(client_req("casual_male", &many_sentences(3), 9, 8))
+        .unwrap();
+    assert!(wait_until(LONG, || text.frames() > 0));
+    // A message on the speaker cancels speaker text only.
+    let mut msg = e.submit(req("New mail.", Priority::Message, 3)).unwrap();
+    let mut note = client_req("casual_male", "Ding.", 1, 3);
+    note.priority = Priority::Notification;
+    let mut note = e.submit(note).unwrap();
+    assert!(matches!(
+        drain(&mut msg).last(),
+        Some(Event::Finished { .. })
+    ));
+    assert!(matches!(
+        drain(&mut note).last(),
+        Some(Event::Finished { .. })
+    ));
+    let events = drain(&mut text);
+    assert!(
+        matches!(events.last(), Some(Event::Finished { .. })),
+        "{:?}",
+        events.last()
+    );
+}
+
+#[test]
+fn a_client_that_stops_reading_holds_up_only_its_own_job() {
+    let e = Engine::new(
+        shared_model(),
+        EngineConfig {
+            event_buffer: 2,
+            max_streams: 2,
+            ..Default::default()
+        },
+    );
+    let stuck = e
+        .submit(client_req("casual_male", &many_sentences(20), 9, 40))
+        .unwrap();
+    assert!(wait_until(LONG, || stuck.frames() > 0));
+    let mut other = e
+        .submit(client_req("fr_male", "Je continue.", 4, 30))
+        .unwrap();
+    let events = drain(&mut other);
+    assert!(matches!(
+        events.last(),
+        Some(Event::Finished { frames: 30, .. })
+    ));
+    // The stuck job made no progress beyond what fits its buffer and one pending chunk.
+    let frames = stuck.frames();
+    assert!(
+        frames < 40,
+        "the unread job kept generating: {frames} frames"
+    );
+    assert!(e.cancel(stuck.id));
+}
+
+#[test]
+fn max_streams_caps_how_many_clients_share_a_step() {
+    let e = Engine::new(
+        shared_model(),
+        EngineConfig {
+            max_streams: 2,
+            ..Default::default()
+        },
+    );
+    let mut jobs: Vec<Job> = (0..4)
+        .map(|i| {
+            e.submit(client_req("casual_male", "Capped streams.", i, 10))
+                .unwrap()
+        })
+        .collect();
+    for j in &mut jobs {
+        assert!(matches!(drain(j).last(), Some(Event::Finished { .. })));
+    }
+    assert!(e.widest_step() <= 2, "widest step {}", e.widest_step());
 }

@@ -10,7 +10,7 @@ use clap::Args;
 use super::ModelArgs;
 use crate::audio::playback::Player;
 use crate::audio::wav::{to_i16, WavFormat, WavSink};
-use crate::engine::{Engine, EngineConfig, Event, Priority, SpeechRequest};
+use crate::engine::{Destination, Engine, EngineConfig, Event, Priority, SpeechRequest};
 use crate::model::{DEFAULT_CFG_ALPHA, DEFAULT_MAX_FRAMES};
 
 /// Largest text accepted in one request.
@@ -195,6 +195,8 @@ pub fn run(a: SayArgs) -> anyhow::Result<()> {
         cfg_alpha: a.cfg_alpha,
         max_frames: a.max_frames,
         rate: a.rate.unwrap_or(1.0),
+        // This command takes the audio itself.
+        destination: Destination::Client,
     })?;
     while let Some(ev) = job.recv() {
         match ev {

@@ -108,6 +108,7 @@ pub fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
         model,
         EngineConfig {
             max_text_bytes: cfg.limits.max_text_bytes,
+            max_streams: cfg.limits.max_streams,
             ..Default::default()
         },
     );

@@ -47,6 +47,9 @@ pub struct Limits {
     pub max_clients: usize,
     /// Frames per sentence.
     pub max_frames: usize,
+    /// Utterances for clients (Spiel, socket streams) decoded together in one step; the
+    /// daemon's own output has one more.
+    pub max_streams: usize,
 }
 
 impl Default for Limits {
@@ -57,6 +60,7 @@ impl Default for Limits {
             client_buffer: 256,
             max_clients: 64,
             max_frames: crate::model::DEFAULT_MAX_FRAMES,
+            max_streams: crate::engine::DEFAULT_MAX_STREAMS,
         }
     }
 }
@@ -132,11 +136,18 @@ impl Config {
         if l.max_request_bytes < 1024 {
             return Err(bad("limits.max_request_bytes", "must be at least 1024"));
         }
-        if l.client_buffer == 0 || l.max_clients == 0 || l.max_frames == 0 || l.max_text_bytes == 0
-        {
+        let counts = [
+            l.client_buffer,
+            l.max_clients,
+            l.max_frames,
+            l.max_text_bytes,
+            l.max_streams,
+        ];
+        if counts.contains(&0) {
             return Err(bad(
                 "limits",
-                "client_buffer, max_clients, max_frames and max_text_bytes must be positive",
+                "client_buffer, max_clients, max_frames, max_text_bytes and max_streams must be \
+                 positive",
             ));
         }
         Ok(())

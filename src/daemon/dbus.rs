@@ -9,7 +9,7 @@ use std::sync::Arc;
 use zbus::object_server::SignalEmitter;
 
 use super::Daemon;
-use crate::engine::{Event, JobId, SpeechRequest};
+use crate::engine::{Destination, Event, JobId, SpeechRequest};
 
 pub const BUS_NAME: &str = "org.voxtrald.Speech.Provider";
 pub const PROVIDER_PATH: &str = "/org/voxtrald/Speech/Provider";
@@ -131,6 +131,8 @@ impl Provider {
         let mut pipe = std::fs::File::from(fd);
         let d = self.daemon.clone();
         let mut req = SpeechRequest::new(text, voice);
+        // The Spiel client plays the stream itself, alongside other clients' streams.
+        req.destination = Destination::Client;
         req.max_frames = d.limits.max_frames;
         // A multiplier, 1.0 = normal; screen readers go up to 10, we keep what stays clear.
         let rate = if rate.is_finite() && rate > 0.0 {

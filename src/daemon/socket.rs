@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::protocol::{error_json, event_json, parse_priority, pcm_s16le, Output, Request};
 use super::Daemon;
-use crate::engine::{Event, SpeechRequest};
+use crate::engine::{Destination, Event, SpeechRequest};
 use crate::error::{Error, Result};
 
 enum Out {
@@ -240,6 +240,9 @@ async fn handle(
                 voice.unwrap_or_else(|| daemon.info.default_voice.clone()),
             );
             r.priority = priority;
+            if output != Output::Play {
+                r.destination = Destination::Client;
+            }
             r.seed = seed.unwrap_or(0);
             r.max_frames = daemon.limits.max_frames;
             r.rate = rate.unwrap_or(daemon.info.default_rate);

@@ -1,9 +1,14 @@
 //! The synthesis engine: one worker thread owns the model; requests wait in a priority queue
 //! and each yields a stream of events. Long texts are spoken sentence by sentence; a job can be
 //! cancelled at any frame and higher-priority work takes over at sentence boundaries.
+//!
+//! The daemon's own output speaks one job at a time; jobs whose audio goes back to their
+//! clients run together, and every job being spoken advances by one frame in one shared
+//! decoding step, so the weights are read once per frame for all of them.
 
 pub mod text;
 
+use std::collections::VecDeque;
 use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
@@ -15,7 +20,9 @@ use crate::audio::stretch::{Stretcher, MAX_RATE, MIN_RATE};
 use crate::model::noise::SeededNoise;
 use crate::model::prompt::PromptTokens;
 use crate::model::stream::{ChunkSchedule, StreamingDecoder};
-use crate::model::{GenerateOptions, Voxtral, DEFAULT_CFG_ALPHA, DEFAULT_MAX_FRAMES};
+use crate::model::{
+    Frame, GenerateOptions, Generation, Voxtral, DEFAULT_CFG_ALPHA, DEFAULT_MAX_FRAMES,
+};
 use crate::{Error, Result};
 
 pub type JobId = u64;
@@ -48,6 +55,18 @@ impl Priority {
     }
 }
 
+/// Where a job's audio goes, which decides whether it may overlap with other jobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Destination {
+    /// The daemon's own sound output: one utterance at a time, ordered and displaced by
+    /// priority as Speech Dispatcher does.
+    #[default]
+    Speaker,
+    /// The requester takes the audio (a Spiel pipe, a socket stream): such jobs are spoken
+    /// together, sharing each decoding step, and their priority only orders them.
+    Client,
+}
+
 #[derive(Debug, Clone)]
 pub struct SpeechRequest {
     pub text: String,
@@ -59,6 +78,7 @@ pub struct SpeechRequest {
     pub max_frames: usize,
     /// Speaking rate, 1.0 = as generated (pitch is kept; see `audio::stretch`).
     pub rate: f32,
+    pub destination: Destination,
 }
 
 impl SpeechRequest {
@@ -71,6 +91,7 @@ impl SpeechRequest {
             cfg_alpha: DEFAULT_CFG_ALPHA,
             max_frames: DEFAULT_MAX_FRAMES,
             rate: 1.0,
+            destination: Destination::Speaker,
         }
     }
 }
@@ -109,6 +130,10 @@ impl Event {
     }
 }
 
+/// Client jobs decoded together by default: on a CPU four share a step for about 2.7 times the
+/// throughput of one; on a GPU a step of eight costs little more than a step of one.
+pub const DEFAULT_MAX_STREAMS: usize = 8;
+
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
     pub schedule: ChunkSchedule,
@@ -118,6 +143,8 @@ pub struct EngineConfig {
     pub event_buffer: usize,
     /// Largest accepted text.
     pub max_text_bytes: usize,
+    /// Client jobs decoded together; the speaker's job is one more.
+    pub max_streams: usize,
 }
 
 impl Default for EngineConfig {
@@ -127,6 +154,7 @@ impl Default for EngineConfig {
             max_sentence_chars: 300,
             event_buffer: 32,
             max_text_bytes: 1 << 20,
+            max_streams: DEFAULT_MAX_STREAMS,
         }
     }
 }
@@ -204,17 +232,25 @@ struct Queued {
     started: Option<Instant>,
 }
 
+/// A job the worker holds, as `submit` and `cancel` see it.
+struct Running {
+    id: JobId,
+    priority: Priority,
+    destination: Destination,
+    control: Arc<Control>,
+}
+
 #[derive(Default)]
 struct State {
     queue: Vec<Queued>,
-    /// The job the worker holds, with its priority.
-    current: Option<(JobId, Priority, Arc<Control>)>,
+    running: Vec<Running>,
     next_id: JobId,
     shutdown: bool,
 }
 
 struct Shared {
     state: Mutex<State>,
+    widest_step: AtomicUsize,
     wake: Condvar,
     model: Arc<Voxtral>,
     cfg: EngineConfig,
@@ -245,6 +281,7 @@ impl Engine {
                 next_id: 1,
                 ..Default::default()
             }),
+            widest_step: AtomicUsize::new(0),
             wake: Condvar::new(),
             model,
             cfg,
@@ -299,8 +336,14 @@ impl Engine {
             control: control.clone(),
             done: false,
         };
-        let busy = st.current.is_some() || !st.queue.is_empty();
         let p = req.priority;
+        let speaker = req.destination == Destination::Speaker;
+        let busy = st
+            .running
+            .iter()
+            .map(|r| r.destination)
+            .chain(st.queue.iter().map(|q| q.req.destination))
+            .any(|d| d == Destination::Speaker);
         let queued = Queued {
             id,
             seq: id,
@@ -313,6 +356,13 @@ impl Engine {
             frames: 0,
             started: None,
         };
+        if !speaker {
+            // Clients mix their own audio: Speech Dispatcher's rules are for the speaker.
+            st.queue.push(queued);
+            drop(st);
+            self.shared.wake.notify_all();
+            return Ok(job);
+        }
         if p == Priority::Notification && busy {
             let _ = queued.tx.try_send(Event::Cancelled {
                 reason: "dropped: other speech in progress".into(),
@@ -331,7 +381,8 @@ impl Engine {
         let reason = format!("displaced by a {p:?} request").to_lowercase();
         st.queue.retain(|q| {
             let older_progress = p == Priority::Progress && q.req.priority == Priority::Progress;
-            if displaced(q.req.priority) || older_progress {
+            let on_speaker = q.req.destination == Destination::Speaker;
+            if on_speaker && (displaced(q.req.priority) || older_progress) {
                 cancel_control(&q.control, &reason);
                 let _ = q.tx.try_send(Event::Cancelled {
                     reason: reason.clone(),
@@ -341,9 +392,9 @@ impl Engine {
                 true
             }
         });
-        if let Some((_, cp, c)) = &st.current {
-            if displaced(*cp) {
-                cancel_control(c, &reason);
+        for r in &st.running {
+            if r.destination == Destination::Speaker && displaced(r.priority) {
+                cancel_control(&r.control, &reason);
             }
         }
         st.queue.push(queued);
@@ -363,10 +414,10 @@ impl Engine {
             });
             return fresh;
         }
-        match &st.current {
-            Some((cid, _, c)) if *cid == id => cancel_control(c, "cancelled"),
-            _ => false,
-        }
+        st.running
+            .iter()
+            .find(|r| r.id == id)
+            .is_some_and(|r| cancel_control(&r.control, "cancelled"))
     }
 
     /// Cancels everything queued and speaking.
@@ -376,7 +427,7 @@ impl Engine {
             st.queue
                 .iter()
                 .map(|q| q.id)
-                .chain(st.current.as_ref().map(|c| c.0))
+                .chain(st.running.iter().map(|r| r.id))
                 .collect()
         };
         for id in ids {
@@ -384,10 +435,15 @@ impl Engine {
         }
     }
 
-    /// Jobs waiting, plus the one speaking.
+    /// Jobs waiting, plus those speaking.
     pub fn queue_len(&self) -> usize {
         let st = lock(&self.shared.state);
-        st.queue.len() + usize::from(st.current.is_some())
+        st.queue.len() + st.running.len()
+    }
+
+    /// The most jobs that have shared one decoding step so far.
+    pub fn widest_step(&self) -> usize {
+        self.shared.widest_step.load(Ordering::Relaxed)
     }
 }
 
@@ -402,215 +458,407 @@ impl Drop for Engine {
     }
 }
 
-/// Sends an event unless the job was cancelled; waits while the consumer's buffer is full.
-/// Returns false when the job must stop (cancelled, or its consumer is gone).
-fn send(job: &Queued, ev: Event) -> bool {
-    let mut ev = ev;
-    loop {
-        {
-            let g = lock(&job.control.cancelled);
-            if g.is_some() {
-                return false;
+/// One sentence being generated and streamed.
+struct Utterance<'m> {
+    gen: Generation<'m>,
+    dec: StreamingDecoder,
+    rate: Stretcher,
+}
+
+/// A job the worker holds, with the events it has made but not yet delivered. Delivery never
+/// waits: a job whose consumer is behind keeps its events here and sits out the decoding
+/// steps until they are taken, so a slow consumer (the sound card, a client) stalls only its
+/// own job.
+struct Active<'m> {
+    job: Queued,
+    utterance: Option<Utterance<'m>>,
+    outbox: VecDeque<Event>,
+    /// A sentence ended since the job was admitted; at this boundary it goes back to the queue
+    /// so that more urgent work can take over.
+    spoke: bool,
+    /// The terminal event is in the outbox, since then.
+    ending: Option<Instant>,
+    /// The terminal event was delivered, or nobody is left to take it.
+    done: bool,
+}
+
+/// How long a terminal event waits for a consumer whose buffer is full of skipped audio.
+const FINAL_DELIVERY: Duration = Duration::from_secs(1);
+
+impl<'m> Active<'m> {
+    fn new(job: Queued) -> Self {
+        Self {
+            job,
+            utterance: None,
+            outbox: VecDeque::new(),
+            spoke: false,
+            ending: None,
+            done: false,
+        }
+    }
+
+    fn cancelled(&self) -> Option<String> {
+        lock(&self.job.control.cancelled).clone()
+    }
+
+    /// Ends the job with `ev`. A cancellation replaces whatever was not yet delivered, even
+    /// another ending; other endings keep the audio before them.
+    fn end(&mut self, ev: Event) {
+        let cancel = matches!(ev, Event::Cancelled { .. });
+        if self.done || (self.ending.is_some() && !cancel) {
+            return;
+        }
+        if cancel {
+            if matches!(self.outbox.back(), Some(Event::Cancelled { .. })) {
+                return;
             }
-            match job.tx.try_send(ev) {
-                Ok(()) => return true,
-                Err(TrySendError::Disconnected(_)) => {
+            self.outbox.clear();
+        }
+        self.utterance = None;
+        self.outbox.push_back(ev);
+        self.ending = Some(Instant::now());
+    }
+
+    fn fail(&mut self, e: Error) {
+        match self.cancelled() {
+            Some(reason) => self.end(Event::Cancelled { reason }),
+            None => {
+                tracing::warn!(job = self.job.id, error = %e, "synthesis failed");
+                self.end(Event::Failed {
+                    reason: e.to_string(),
+                });
+            }
+        }
+    }
+
+    /// Runs `f` on this job; an error or a panic (a bug, or a device failure that candle turns
+    /// into one) fails this job only.
+    fn guarded(&mut self, f: impl FnOnce(&mut Self) -> Result<()>) {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(self)))
+            .unwrap_or_else(|payload| Err(panicked(self.job.id, payload)));
+        if let Err(e) = r {
+            self.fail(e);
+        }
+    }
+
+    /// Hands queued events to the consumer as far as its buffer takes them; true if any moved.
+    fn deliver(&mut self) -> bool {
+        if self.done {
+            return false;
+        }
+        if let Some(reason) = self.cancelled() {
+            self.end(Event::Cancelled { reason });
+        }
+        let mut moved = false;
+        while let Some(ev) = self.outbox.pop_front() {
+            let sent = if ev.is_terminal() {
+                self.job.tx.try_send(ev)
+            } else {
+                // Checked and sent under the lock, so once `cancel` returns no audio goes out.
+                let g = lock(&self.job.control.cancelled);
+                if let Some(reason) = g.clone() {
                     drop(g);
-                    cancel_control(&job.control, "the client went away");
-                    return false;
+                    self.end(Event::Cancelled { reason });
+                    continue;
                 }
-                Err(TrySendError::Full(e)) => ev = e,
-            }
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
-/// Delivers a job's last event even when its buffer is full of audio the consumer will skip;
-/// gives up after a second if nobody reads.
-fn send_final(job: &Queued, ev: Event) {
-    let mut ev = ev;
-    for _ in 0..500 {
-        match job.tx.try_send(ev) {
-            Ok(()) | Err(TrySendError::Disconnected(_)) => return,
-            Err(TrySendError::Full(e)) => ev = e,
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
-fn worker(shared: Arc<Shared>) {
-    loop {
-        let mut job = {
-            let mut st = lock(&shared.state);
-            loop {
-                if st.shutdown {
-                    return;
+                self.job.tx.try_send(ev)
+            };
+            match sent {
+                Ok(()) => {
+                    moved = true;
+                    if self.ending.is_some() && self.outbox.is_empty() {
+                        self.done = true;
+                    }
                 }
-                if !st.queue.is_empty() {
+                Err(TrySendError::Full(ev)) => {
+                    self.outbox.push_front(ev);
+                    if self.ending.is_some_and(|t| t.elapsed() > FINAL_DELIVERY) {
+                        self.done = true;
+                    }
                     break;
                 }
-                st = shared.wake.wait(st).unwrap_or_else(|e| e.into_inner());
-            }
-            let best = (0..st.queue.len())
-                .min_by_key(|&i| (st.queue[i].req.priority.rank(), st.queue[i].seq))
-                .unwrap_or(0);
-            let job = st.queue.remove(best);
-            st.current = Some((job.id, job.req.priority, job.control.clone()));
-            job
-        };
-        // A panic in the model code (a bug, or a device failure that candle turns into one)
-        // fails this request only; the engine goes on with the next.
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            speak_next_sentence(&shared, &mut job)
-        }))
-        .unwrap_or_else(|payload| {
-            let what = crate::error::panic_message(payload.as_ref());
-            tracing::error!(job = job.id, %what, "synthesis panicked");
-            Err(Error::Internal(what))
-        });
-        let mut st = lock(&shared.state);
-        st.current = None;
-        let cancelled = lock(&job.control.cancelled).clone();
-        match (outcome, cancelled) {
-            (_, Some(reason)) => {
-                drop(st);
-                send_final(&job, Event::Cancelled { reason });
-            }
-            (Err(e), None) => {
-                drop(st);
-                tracing::warn!(job = job.id, error = %e, "synthesis failed");
-                send_final(
-                    &job,
-                    Event::Failed {
-                        reason: e.to_string(),
-                    },
-                );
-            }
-            (Ok(()), None) if job.next_sentence < job.sentences.len() => {
-                // More to say: back in the queue, keeping its place in its class.
-                st.queue.push(job);
-            }
-            (Ok(()), None) => {
-                drop(st);
-                let secs = job.offset as f64 / shared.model.sample_rate() as f64;
-                let took = job.started.map_or(0.0, |t| t.elapsed().as_secs_f64());
-                let _ = send(
-                    &job,
-                    Event::Finished {
-                        frames: job.frames,
-                        seconds: secs,
-                        rtf: took / secs.max(1e-9),
-                    },
-                );
+                Err(TrySendError::Disconnected(_)) => {
+                    cancel_control(&self.job.control, "the client went away");
+                    self.outbox.clear();
+                    self.utterance = None;
+                    self.done = true;
+                    break;
+                }
             }
         }
+        moved
     }
-}
 
-/// Generates and streams one sentence of `job`.
-fn speak_next_sentence(shared: &Shared, job: &mut Queued) -> Result<()> {
-    let model = &shared.model;
-    if job.started.is_none() {
-        job.started = Some(Instant::now());
-        if !send(job, Event::Started) {
-            return Ok(());
-        }
+    /// Can take part in the next decoding step.
+    fn ready(&self) -> bool {
+        self.utterance.is_some()
+            && self.outbox.is_empty()
+            && self.ending.is_none()
+            && !lock(&self.job.control.cancelled).is_some()
     }
-    let Some(range) = job.sentences.get(job.next_sentence).cloned() else {
-        return Ok(());
-    };
-    let text = text::char_slice(&job.req.text, &range);
-    #[cfg(test)]
-    if text.contains(tests::PANIC_MARK) {
-        panic!("injected fault");
-    }
-    // A sentence that could not fit the context with its audio is split in two.
-    let rows = model.voice(&job.req.voice)?.dim(0)?;
-    let budget = model
-        .backbone()
-        .max_positions()
-        .saturating_sub(rows + PromptTokens::OVERHEAD)
-        / 7;
-    let prompt = model.prompt(&job.req.voice, &text);
-    let too_long = match &prompt {
-        Ok(p) => p.ids.len() - rows - PromptTokens::OVERHEAD > budget.max(1),
-        Err(Error::ContextOverflow { .. }) => true,
-        Err(_) => false,
-    };
-    if too_long && range.len() > 1 {
-        let chars: Vec<char> = text.chars().collect();
-        let half = chars.len() / 2;
-        let (head, tail) = match (1..half).rev().find(|&i| chars[i].is_whitespace()) {
-            Some(space) => (
-                range.start..range.start + space,
-                range.start + space + 1..range.end,
-            ),
-            None => (
-                range.start..range.start + half,
-                range.start + half..range.end,
-            ),
-        };
-        job.sentences
-            .splice(job.next_sentence..=job.next_sentence, [head, tail]);
-        return Ok(());
-    }
-    let prompt = prompt?;
-    job.next_sentence += 1;
-    if !send(job, Event::Sentence { range }) {
-        return Ok(());
-    }
-    let seed = job.req.seed.wrapping_add(job.next_sentence as u64 - 1);
-    let opts = GenerateOptions {
-        max_frames: job.req.max_frames,
-        cfg_alpha: job.req.cfg_alpha,
-    };
-    let mut gen = model.start(&prompt, Box::new(SeededNoise::new(seed)), &opts)?;
-    let mut dec = StreamingDecoder::new(shared.cfg.schedule);
-    let mut rate = Stretcher::new(job.req.rate);
-    let mut out = Vec::new();
-    loop {
-        if lock(&job.control.cancelled).is_some() {
-            return Ok(());
-        }
-        let frame = match gen.next_frame() {
-            Ok(Some(f)) => f,
-            Ok(None) => break,
-            // A sentence with no audio (e.g. only punctuation) is skipped, not fatal.
-            Err(Error::NoAudio) => break,
-            Err(e) => return Err(e),
-        };
-        job.frames += 1;
-        job.control.frames.fetch_add(1, Ordering::SeqCst);
-        if let Some(samples) = dec.push(model.codec(), frame.codes)? {
-            rate.push(&samples, &mut out);
-            if !emit_audio(job, std::mem::take(&mut out)) {
-                return Ok(());
-            }
-        }
-    }
-    rate.push(&dec.flush(model.codec())?, &mut out);
-    rate.finish(&mut out);
-    emit_audio(job, out);
-    Ok(())
-}
 
-fn emit_audio(job: &mut Queued, samples: Vec<f32>) -> bool {
-    if samples.is_empty() {
-        return true;
+    /// Between sentences with more to say.
+    fn at_boundary(&self) -> bool {
+        self.spoke
+            && self.ending.is_none()
+            && self.utterance.is_none()
+            && self.outbox.is_empty()
+            && self.job.next_sentence < self.job.sentences.len()
     }
-    let n = samples.len() as u64;
-    let ok = send(
-        job,
-        Event::Audio {
-            offset: job.offset,
+
+    /// Queues audio for the consumer.
+    fn emit(&mut self, samples: Vec<f32>) {
+        if samples.is_empty() {
+            return;
+        }
+        let n = samples.len() as u64;
+        self.outbox.push_back(Event::Audio {
+            offset: self.job.offset,
             samples,
-        },
-    );
-    if ok {
-        job.offset += n;
+        });
+        self.job.offset += n;
     }
-    ok
+
+    /// Sets up the next sentence: splits it if it cannot fit the context, runs the prefill.
+    fn begin_sentence(&mut self, model: &'m Voxtral, cfg: &EngineConfig) -> Result<()> {
+        let job = &mut self.job;
+        if job.started.is_none() {
+            job.started = Some(Instant::now());
+            self.outbox.push_back(Event::Started);
+        }
+        let Some(range) = job.sentences.get(job.next_sentence).cloned() else {
+            return Ok(());
+        };
+        let text = text::char_slice(&job.req.text, &range);
+        #[cfg(test)]
+        if text.contains(tests::PANIC_MARK) {
+            panic!("injected fault");
+        }
+        // A sentence that could not fit the context with its audio is split in two.
+        let rows = model.voice(&job.req.voice)?.dim(0)?;
+        let budget = model
+            .backbone()
+            .max_positions()
+            .saturating_sub(rows + PromptTokens::OVERHEAD)
+            / 7;
+        let prompt = model.prompt(&job.req.voice, &text);
+        let too_long = match &prompt {
+            Ok(p) => p.ids.len() - rows - PromptTokens::OVERHEAD > budget.max(1),
+            Err(Error::ContextOverflow { .. }) => true,
+            Err(_) => false,
+        };
+        if too_long && range.len() > 1 {
+            let chars: Vec<char> = text.chars().collect();
+            let half = chars.len() / 2;
+            let (head, tail) = match (1..half).rev().find(|&i| chars[i].is_whitespace()) {
+                Some(space) => (
+                    range.start..range.start + space,
+                    range.start + space + 1..range.end,
+                ),
+                None => (
+                    range.start..range.start + half,
+                    range.start + half..range.end,
+                ),
+            };
+            job.sentences
+                .splice(job.next_sentence..=job.next_sentence, [head, tail]);
+            return self.begin_sentence(model, cfg);
+        }
+        let prompt = prompt?;
+        job.next_sentence += 1;
+        self.outbox.push_back(Event::Sentence { range });
+        let seed = job.req.seed.wrapping_add(job.next_sentence as u64 - 1);
+        let opts = GenerateOptions {
+            max_frames: job.req.max_frames,
+            cfg_alpha: job.req.cfg_alpha,
+        };
+        let gen = model.start(&prompt, Box::new(SeededNoise::new(seed)), &opts)?;
+        self.utterance = Some(Utterance {
+            gen,
+            dec: StreamingDecoder::new(cfg.schedule),
+            rate: Stretcher::new(job.req.rate),
+        });
+        Ok(())
+    }
+
+    /// Takes this job's result of a decoding step: streams the frame, or ends the sentence.
+    fn take_frame(&mut self, model: &Voxtral, frame: Result<Option<Frame>>) -> Result<()> {
+        let Some(utt) = self.utterance.as_mut() else {
+            return Ok(());
+        };
+        let mut out = Vec::new();
+        match frame {
+            Ok(Some(frame)) => {
+                self.job.frames += 1;
+                self.job.control.frames.fetch_add(1, Ordering::SeqCst);
+                if let Some(samples) = utt.dec.push(model.codec(), frame.codes)? {
+                    utt.rate.push(&samples, &mut out);
+                }
+            }
+            // A sentence with no audio (e.g. only punctuation) is skipped, not fatal.
+            Ok(None) | Err(Error::NoAudio) => {
+                utt.rate.push(&utt.dec.flush(model.codec())?, &mut out);
+                utt.rate.finish(&mut out);
+                self.utterance = None;
+                self.spoke = true;
+            }
+            Err(e) => return Err(e),
+        }
+        self.emit(out);
+        Ok(())
+    }
+
+    /// Queues `Finished` once the last sentence is out.
+    fn finish_if_done(&mut self, sample_rate: u32) {
+        if self.ending.is_some()
+            || self.utterance.is_some()
+            || self.job.next_sentence < self.job.sentences.len()
+        {
+            return;
+        }
+        let secs = self.job.offset as f64 / sample_rate as f64;
+        let took = self.job.started.map_or(0.0, |t| t.elapsed().as_secs_f64());
+        self.end(Event::Finished {
+            frames: self.job.frames,
+            seconds: secs,
+            rtf: took / secs.max(1e-9),
+        });
+    }
+}
+
+fn panicked(job: JobId, payload: Box<dyn std::any::Any + Send>) -> Error {
+    let what = crate::error::panic_message(payload.as_ref());
+    tracing::error!(job, %what, "synthesis panicked");
+    Error::Internal(what)
+}
+
+/// The worker's loop: admit jobs, start their sentences, advance every ready one by a frame in
+/// one shared step, deliver what they made.
+fn worker(shared: Arc<Shared>) {
+    let model: &Voxtral = &shared.model;
+    let mut active: Vec<Active<'_>> = Vec::new();
+    while settle(&shared, &mut active) {
+        let mut progressed = false;
+        for a in &mut active {
+            progressed |= a.deliver();
+            if a.utterance.is_none() && !a.spoke && a.ending.is_none() && !a.done {
+                progressed = true;
+                a.guarded(|a| a.begin_sentence(model, &shared.cfg));
+            }
+        }
+        progressed |= step(&shared, &mut active);
+        for a in &mut active {
+            a.finish_if_done(model.sample_rate());
+            progressed |= a.deliver();
+        }
+        if !progressed {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+/// Advances every ready job by one frame, all in one decoding step. Returns whether any did.
+fn step<'m>(shared: &'m Shared, active: &mut [Active<'m>]) -> bool {
+    let model: &Voxtral = &shared.model;
+    let ready: Vec<usize> = (0..active.len()).filter(|&i| active[i].ready()).collect();
+    if ready.is_empty() {
+        return false;
+    }
+    shared.widest_step.fetch_max(ready.len(), Ordering::Relaxed);
+    let results = {
+        let mut gens: Vec<&mut Generation<'m>> = active
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| ready.binary_search(i).is_ok())
+            .filter_map(|(_, a)| a.utterance.as_mut().map(|u| &mut u.gen))
+            .collect();
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            model.next_frames(&mut gens)
+        }))
+    };
+    // The shared step failed: every job in it fails, since none can go on from a state the
+    // step may have half changed.
+    let failure = match results {
+        Ok(Ok(results)) => {
+            for (&i, frame) in ready.iter().zip(results) {
+                active[i].guarded(|a| a.take_frame(model, frame));
+            }
+            return true;
+        }
+        Ok(Err(e)) => e.to_string(),
+        Err(payload) => panicked(active[ready[0]].job.id, payload).to_string(),
+    };
+    for &i in &ready {
+        active[i].fail(Error::Internal(failure.clone()));
+    }
+    true
+}
+
+/// The worker's bookkeeping under the state lock: retires ended jobs, returns jobs at a
+/// sentence boundary to the queue, admits queued ones. Waits while there is nothing to do;
+/// false on shutdown.
+fn settle<'m>(shared: &Shared, active: &mut Vec<Active<'m>>) -> bool {
+    let mut st = lock(&shared.state);
+    let mut i = 0;
+    while i < active.len() {
+        if active[i].done || active[i].at_boundary() {
+            let a = active.remove(i);
+            st.running.retain(|r| r.id != a.job.id);
+            if !a.done {
+                // More to say: back in the queue, keeping its place in its class.
+                st.queue.push(a.job);
+            }
+        } else {
+            i += 1;
+        }
+    }
+    loop {
+        if st.shutdown {
+            // The jobs were cancelled first; tell their consumers so, where they listen.
+            for a in active.iter_mut() {
+                a.deliver();
+            }
+            return false;
+        }
+        admit(&mut st, active, shared.cfg.max_streams.max(1));
+        if !active.is_empty() {
+            return true;
+        }
+        st = shared.wake.wait(st).unwrap_or_else(|e| e.into_inner());
+    }
+}
+
+/// Moves queued jobs to the worker, most urgent first: the speaker takes one at a time,
+/// clients up to `max_streams` together.
+fn admit(st: &mut State, active: &mut Vec<Active<'_>>, max_streams: usize) {
+    loop {
+        let speaker_busy = active
+            .iter()
+            .any(|a| a.job.req.destination == Destination::Speaker);
+        let clients = active
+            .iter()
+            .filter(|a| a.job.req.destination == Destination::Client)
+            .count();
+        let best = st
+            .queue
+            .iter()
+            .enumerate()
+            .filter(|(_, q)| match q.req.destination {
+                Destination::Speaker => !speaker_busy,
+                Destination::Client => clients < max_streams,
+            })
+            .min_by_key(|(_, q)| (q.req.priority.rank(), q.seq))
+            .map(|(i, _)| i);
+        let Some(i) = best else { return };
+        let job = st.queue.remove(i);
+        st.running.push(Running {
+            id: job.id,
+            priority: job.req.priority,
+            destination: job.req.destination,
+            control: job.control.clone(),
+        });
+        active.push(Active::new(job));
+    }
 }
 
 /// Sleeps until `f` holds or `timeout` passes; for tests and clients that poll.
