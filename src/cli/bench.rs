@@ -1,11 +1,13 @@
 //! `voxtrald bench`: where the time goes, as medians over several runs in one process.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Args;
 use serde::Serialize;
 
 use super::ModelArgs;
+use crate::engine::{Destination, Engine, EngineConfig, Event, SpeechRequest};
 use crate::model::noise::SeededNoise;
 use crate::model::stream::{ChunkSchedule, StreamingDecoder};
 use crate::model::{GenerateOptions, Voxtral};
@@ -30,8 +32,9 @@ pub struct BenchArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
-    /// Concurrent utterances decoded together (shared backbone steps and flow passes), e.g.
-    /// `1,4,16`: reports each count's real-time factor per stream, one model load for all.
+    /// Concurrent utterances, spoken by the engine as the daemon's clients' jobs are (shared
+    /// backbone steps and flow passes), e.g. `1,4,16`: reports each count's real-time factor
+    /// per stream and throughput, one model load for all.
     #[arg(long, value_delimiter = ',')]
     streams: Vec<usize>,
 }
@@ -41,6 +44,10 @@ struct StreamsRun {
     streams: usize,
     frames_per_stream: usize,
     wall_s: f64,
+    /// When the last of the streams had its first audio, from submission.
+    first_audio_max_s: f64,
+    /// The most streams that shared one decoding step (this engine's run so far).
+    widest_step: usize,
     /// Wall time over the audio of one stream: below 1 keeps up with playback.
     rtf_per_stream: f64,
     /// Seconds of audio produced per second, all streams together.
@@ -56,64 +63,85 @@ struct StreamsReport {
     results: Vec<StreamsRun>,
 }
 
-/// `n` utterances (same text, other seeds) from prefill to the last chunk, stepped together.
-fn streams_run(a: &BenchArgs, model: &Voxtral, n: usize) -> anyhow::Result<StreamsRun> {
+/// `n` utterances (same text, other seeds) spoken by the engine as client jobs, each read by
+/// its own consumer thread as a client would: the daemon's path, prefills and codec included.
+fn streams_run(a: &BenchArgs, engine: &Engine, n: usize) -> anyhow::Result<StreamsRun> {
     let start = Instant::now();
-    let prompt = model.prompt(&a.voice, &a.text)?;
-    let opts = GenerateOptions {
-        max_frames: a.frames,
-        ..Default::default()
-    };
-    let mut gens = (0..n)
-        .map(|i| model.start(&prompt, Box::new(SeededNoise::new(i as u64)), &opts))
+    let jobs = (0..n)
+        .map(|i| {
+            let mut r = SpeechRequest::new(a.text.clone(), a.voice.clone());
+            r.max_frames = a.frames;
+            r.seed = i as u64;
+            r.destination = Destination::Client;
+            engine.submit(r)
+        })
         .collect::<Result<Vec<_>, _>>()?;
-    let mut decs: Vec<_> = (0..n)
-        .map(|_| StreamingDecoder::new(ChunkSchedule::default()))
-        .collect();
-    let mut samples = vec![0usize; n];
-    loop {
-        let mut refs: Vec<_> = gens.iter_mut().collect();
-        let mut any = false;
-        for (i, r) in model.next_frames(&mut refs)?.into_iter().enumerate() {
-            if let Some(f) = r? {
-                any = true;
-                if let Some(c) = decs[i].push(model.codec(), f.codes)? {
-                    samples[i] += c.len();
-                }
-            }
-        }
-        if !any {
-            break;
-        }
-    }
-    for (d, s) in decs.iter_mut().zip(&mut samples) {
-        *s += d.flush(model.codec())?.len();
-    }
+    let outcomes: Vec<anyhow::Result<(f64, usize, usize)>> = std::thread::scope(|s| {
+        let readers: Vec<_> = jobs
+            .into_iter()
+            .map(|mut job| {
+                s.spawn(move || {
+                    let (mut first, mut samples) = (None, 0);
+                    while let Some(ev) = job.recv() {
+                        match ev {
+                            Event::Audio { samples: x, .. } => {
+                                first.get_or_insert(start.elapsed().as_secs_f64());
+                                samples += x.len();
+                            }
+                            Event::Finished { frames, .. } => {
+                                return Ok((first.unwrap_or(f64::NAN), samples, frames))
+                            }
+                            Event::Failed { reason } | Event::Cancelled { reason } => {
+                                anyhow::bail!("a stream ended early: {reason}")
+                            }
+                            Event::Started | Event::Sentence { .. } => {}
+                        }
+                    }
+                    anyhow::bail!("a stream ended without finishing")
+                })
+            })
+            .collect();
+        readers
+            .into_iter()
+            .map(|r| {
+                r.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("reader panicked")))
+            })
+            .collect()
+    });
+    let outcomes = outcomes.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
     let wall_s = start.elapsed().as_secs_f64();
-    let audio: Vec<f64> = samples
+    let rate = engine.model().sample_rate() as f64;
+    let shortest = outcomes
         .iter()
-        .map(|&s| s as f64 / model.sample_rate() as f64)
-        .collect();
-    let per_stream = audio
-        .iter()
-        .cloned()
+        .map(|o| o.1 as f64 / rate)
         .fold(f64::INFINITY, f64::min)
         .max(1e-9);
     Ok(StreamsRun {
         streams: n,
-        frames_per_stream: gens.iter().map(|g| g.frames()).min().unwrap_or(0),
+        frames_per_stream: outcomes.iter().map(|o| o.2).min().unwrap_or(0),
         wall_s,
-        rtf_per_stream: wall_s / per_stream,
-        audio_s_per_s: audio.iter().sum::<f64>() / wall_s,
+        first_audio_max_s: outcomes.iter().map(|o| o.0).fold(0.0, f64::max),
+        widest_step: engine.widest_step(),
+        rtf_per_stream: wall_s / shortest,
+        audio_s_per_s: outcomes.iter().map(|o| o.1 as f64 / rate).sum::<f64>() / wall_s,
     })
 }
 
 fn run_streams(a: &BenchArgs) -> anyhow::Result<()> {
-    let model = a.model.load()?;
+    let model = Arc::new(a.model.load()?);
     let mut results = Vec::new();
     for &n in &a.streams {
+        // A fresh engine per count, so its widest step is this count's.
+        let engine = Engine::new(
+            model.clone(),
+            EngineConfig {
+                max_streams: n.max(1),
+                ..Default::default()
+            },
+        );
         let runs = (0..a.runs.max(1))
-            .map(|_| streams_run(a, &model, n.max(1)))
+            .map(|_| streams_run(a, &engine, n.max(1)))
             .collect::<anyhow::Result<Vec<_>>>()?;
         let wall = median(runs.iter().map(|r| r.wall_s).collect());
         let r = runs
@@ -122,8 +150,15 @@ fn run_streams(a: &BenchArgs) -> anyhow::Result<()> {
             .expect("at least one run");
         if !a.json {
             eprintln!(
-                "{} streams x {} frames: {:.2} s, RTF per stream {:.3}, {:.2} s of audio per second",
-                r.streams, r.frames_per_stream, r.wall_s, r.rtf_per_stream, r.audio_s_per_s
+                "{} streams x {} frames: {:.2} s, RTF per stream {:.3}, {:.2} s of audio per second, \
+                 last first audio {:.2} s, widest step {}",
+                r.streams,
+                r.frames_per_stream,
+                r.wall_s,
+                r.rtf_per_stream,
+                r.audio_s_per_s,
+                r.first_audio_max_s,
+                r.widest_step
             );
         }
         results.push(r);

@@ -739,9 +739,18 @@ fn worker(shared: Arc<Shared>) {
     let mut active: Vec<Active<'_>> = Vec::new();
     while settle(&shared, &mut active) {
         let mut progressed = false;
+        // While some are mid-sentence, one prefill per step, so that a newcomer delays audio
+        // already flowing by one prefill, not by one per newcomer.
+        let mut prefills = if active.iter().any(|a| a.utterance.is_some()) {
+            1
+        } else {
+            usize::MAX
+        };
         for a in &mut active {
             progressed |= a.deliver();
-            if a.utterance.is_none() && !a.spoke && a.ending.is_none() && !a.done {
+            let fresh = a.utterance.is_none() && !a.spoke && a.ending.is_none() && !a.done;
+            if fresh && prefills > 0 {
+                prefills -= 1;
                 progressed = true;
                 a.guarded(|a| a.begin_sentence(model, &shared.cfg));
             }
