@@ -149,11 +149,20 @@ impl AcousticHead {
         let t_tok = self.step_times.narrow(0, step, 1)?.broadcast_as((n, d))?;
         // Three tokens per row: noisy acoustic vector, time, backbone state.
         let mut z = Tensor::stack(&[&x_tok, &t_tok.contiguous()?, c], 1)?;
-        for layer in &self.layers {
-            // Bidirectional over the three tokens, no positions.
-            z = layer.forward(&z, |q, k, v| attention(&q, &k, &v, None))?;
+        // Bidirectional over the three tokens, no positions. Only token 0 is read at the end,
+        // so the last layer computes that row alone.
+        let attend = |q: Tensor, k: Tensor, v: Tensor| attention(&q, &k, &v, None);
+        let Some((last, layers)) = self.layers.split_last() else {
+            return Err(candle_core::Error::Msg(
+                "the flow head has no layers".into(),
+            ));
+        };
+        for layer in layers {
+            z = layer.forward(&z, attend)?;
         }
-        let tok0 = self.norm.forward(&z.narrow(1, 0, 1)?.squeeze(1)?)?;
+        let tok0 = self
+            .norm
+            .forward(&last.forward_token(&z, 0, attend)?.squeeze(1)?)?;
         self.acoustic_codebook_output
             .forward(&tok0)?
             .to_dtype(DType::F32)
