@@ -47,6 +47,7 @@ fn status_voices_and_bad_requests_keep_the_connection() {
         b"{\"op\": \"speak\", \"text\": \"hi\", \"voice\": \"nobody\"}\n".to_vec(),
         b"{\"op\": \"speak\", \"text\": \"   \"}\n".to_vec(),
         b"{\"op\": \"speak\", \"text\": \"hi\", \"rate\": 0.1}\n".to_vec(),
+        b"{\"op\": \"speak\", \"text\": \"hi\", \"pitch\": 3.0}\n".to_vec(),
         [
             b"{\"op\":\"speak\",\"text\":\"".to_vec(),
             vec![b'a'; 1 << 20],

@@ -132,6 +132,15 @@ fn property_type(xml: &str, name: &str) -> String {
 
 /// Calls Synthesize with a fresh pipe and returns the read end.
 async fn synthesize(p: &zbus::Proxy<'_>, text: &str, voice: &str) -> std::io::PipeReader {
+    synthesize_pitched(p, text, voice, 1.0).await
+}
+
+async fn synthesize_pitched(
+    p: &zbus::Proxy<'_>,
+    text: &str,
+    voice: &str,
+    pitch: f64,
+) -> std::io::PipeReader {
     let (reader, writer) = std::io::pipe().unwrap();
     let () = p
         .call(
@@ -140,7 +149,7 @@ async fn synthesize(p: &zbus::Proxy<'_>, text: &str, voice: &str) -> std::io::Pi
                 zbus::Fd::from(&writer),
                 text,
                 voice,
-                1.0f64,
+                pitch,
                 1.0f64,
                 false,
                 "",
@@ -159,18 +168,25 @@ enum Chunk {
 }
 
 /// Parses an `audio/x-spiel` stream to its end.
-fn parse_stream(mut r: impl Read) -> Vec<Chunk> {
+fn parse_stream(r: impl Read) -> Vec<Chunk> {
+    parse_stream_audio(r).0
+}
+
+/// [`parse_stream`], with the audio bytes.
+fn parse_stream_audio(mut r: impl Read) -> (Vec<Chunk>, Vec<u8>) {
     let mut all = Vec::new();
     r.read_to_end(&mut all).unwrap();
     assert_eq!(&all[..4], b"0.01", "stream header");
     let u32_at = |b: &[u8], i: usize| u32::from_ne_bytes(b[i..i + 4].try_into().unwrap());
     let mut out = Vec::new();
+    let mut audio = Vec::new();
     let mut i = 4;
     while i < all.len() {
         match all[i] {
             1 => {
                 let n = u32_at(&all, i + 1) as usize;
                 out.push(Chunk::Audio(n));
+                audio.extend_from_slice(&all[i + 5..i + 5 + n]);
                 i += 5 + n;
             }
             2 => {
@@ -187,7 +203,7 @@ fn parse_stream(mut r: impl Read) -> Vec<Chunk> {
         }
     }
     assert_eq!(i, all.len(), "truncated chunk");
-    out
+    (out, audio)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -248,6 +264,31 @@ async fn synthesize_streams_events_before_audio() {
     };
     assert_eq!(audio(&chunks[..second]), 6 * 1920 * 2);
     assert_eq!(audio(&chunks[second..]), 6 * 1920 * 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn synthesize_honours_pitch_and_keeps_the_duration() {
+    let s = setup().await;
+    let p = provider(&s.conn).await;
+    let mut streams = Vec::new();
+    // 1.0, a lower pitch, and one beyond the range (clamped to 2.0, not refused).
+    for pitch in [1.0, 0.6, 5.0] {
+        let r = synthesize_pitched(&p, "Pitch here.", "casual_female", pitch).await;
+        let (_, audio) = tokio::task::spawn_blocking(move || parse_stream_audio(r))
+            .await
+            .unwrap();
+        streams.push(audio);
+    }
+    for (i, audio) in streams.iter().enumerate() {
+        let plain = streams[0].len() as i64;
+        assert!(
+            (audio.len() as i64 - plain).abs() <= 8,
+            "stream {i}: {} bytes against {plain}",
+            audio.len()
+        );
+    }
+    assert_ne!(streams[0], streams[1], "pitch 0.6 changed nothing");
+    assert_ne!(streams[0], streams[2], "pitch 2.0 changed nothing");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

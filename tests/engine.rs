@@ -362,6 +362,32 @@ fn rate_changes_duration_not_the_sentence_structure() {
     assert!(matches!(e.submit(bad), Err(Error::InvalidInput(_))));
 }
 
+#[test]
+fn pitch_moves_frequencies_and_keeps_duration() {
+    let e = engine();
+    let speak = |pitch: f32| {
+        let mut r = req("Lower please. And again.", Priority::Text, 10);
+        r.pitch = pitch;
+        audio_of(&drain(&mut e.submit(r).unwrap()))
+    };
+    let plain = speak(1.0);
+    let low = speak(0.75);
+    assert_eq!(plain.len(), 2 * 19200);
+    assert!(
+        low.len().abs_diff(plain.len()) <= 4,
+        "duration kept: {} vs {}",
+        low.len(),
+        plain.len()
+    );
+    // Upward zero crossings count the frequencies that dominate.
+    let crossings = |x: &[f32]| x.windows(2).filter(|w| w[0] <= 0.0 && w[1] > 0.0).count();
+    let ratio = crossings(&low) as f32 / crossings(&plain) as f32;
+    assert!((0.6..0.9).contains(&ratio), "crossing ratio {ratio}");
+    let mut bad = req("x", Priority::Text, 2);
+    bad.pitch = 3.0;
+    assert!(matches!(e.submit(bad), Err(Error::InvalidInput(_))));
+}
+
 /// Jobs whose audio goes back to their clients, as Spiel and the socket's streams ask.
 fn client_req(voice: &str, text: &str, seed: u64, frames: usize) -> SpeechRequest {
     let mut r = SpeechRequest::new(text, voice);

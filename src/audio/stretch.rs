@@ -31,7 +31,12 @@ pub struct Stretcher {
 impl Stretcher {
     /// `rate` > 1 speaks faster. Clamped to [`MIN_RATE`, `MAX_RATE`].
     pub fn new(rate: f32) -> Self {
-        let rate = rate.clamp(MIN_RATE, MAX_RATE) as f64;
+        Self::with_factor(rate.clamp(MIN_RATE, MAX_RATE))
+    }
+
+    /// Any factor WSOLA handles (0.25 to 8), for rates combined with a pitch change.
+    pub fn with_factor(factor: f32) -> Self {
+        let rate = factor.clamp(MIN_RATE / 2.0, MAX_RATE * 2.0) as f64;
         // Periodic Hann: overlapping halves sum to exactly 1.
         let window = (0..FRAME)
             .map(|i| {

@@ -38,6 +38,9 @@ pub struct SayArgs {
     /// Speaking rate, 0.5 to 4.0, pitch kept (default 1.0, or the daemon's configured rate).
     #[arg(long)]
     rate: Option<f32>,
+    /// Pitch as a frequency ratio, 0.5 to 2.0, duration kept (1.5 is a fifth higher).
+    #[arg(long, default_value_t = 1.0)]
+    pitch: f32,
     /// Classifier-free guidance strength.
     #[arg(long, default_value_t = DEFAULT_CFG_ALPHA)]
     cfg_alpha: f32,
@@ -115,7 +118,7 @@ fn run_via_daemon(
     let output = if a.out.is_some() { "stream" } else { "play" };
     c.send(&serde_json::json!({
         "op": "speak", "text": text, "voice": a.voice, "output": output, "seed": a.seed,
-        "rate": a.rate,
+        "rate": a.rate, "pitch": a.pitch,
     }))?;
     let mut sink = None;
     loop {
@@ -195,6 +198,7 @@ pub fn run(a: SayArgs) -> anyhow::Result<()> {
         cfg_alpha: a.cfg_alpha,
         max_frames: a.max_frames,
         rate: a.rate.unwrap_or(1.0),
+        pitch: a.pitch,
         // This command takes the audio itself.
         destination: Destination::Client,
     })?;

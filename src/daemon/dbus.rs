@@ -118,9 +118,6 @@ impl Provider {
         language: String,
     ) -> zbus::fdo::Result<()> {
         let text = if is_ssml { strip_ssml(&text) } else { text };
-        if (pitch - 1.0).abs() > 1e-6 {
-            tracing::debug!(pitch, "pitch is not supported yet; ignored");
-        }
         let voice = if voice_id.is_empty() {
             self.daemon.info.default_voice.clone()
         } else {
@@ -144,6 +141,15 @@ impl Provider {
             crate::audio::stretch::MIN_RATE,
             crate::audio::stretch::MAX_RATE,
         );
+        // Also a multiplier, 1.0 = normal; Spiel allows 0 to 2, we keep an octave each way.
+        req.pitch = if pitch.is_finite() && pitch > 0.0 {
+            (pitch as f32).clamp(
+                crate::audio::prosody::MIN_PITCH,
+                crate::audio::prosody::MAX_PITCH,
+            )
+        } else {
+            1.0
+        };
         std::thread::spawn(move || {
             if pipe.write_all(spiel_stream::VERSION).is_err() {
                 return;

@@ -35,6 +35,9 @@ pub enum Request {
         /// Speaking rate, 0.5 to 4.0 (default from the config, else 1.0).
         #[serde(default)]
         rate: Option<f32>,
+        /// Pitch as a frequency ratio, 0.5 to 2.0 (default 1.0).
+        #[serde(default)]
+        pitch: Option<f32>,
         /// Echoed back in `accepted`, to match replies to requests.
         #[serde(default)]
         tag: Option<serde_json::Value>,

@@ -232,6 +232,7 @@ async fn handle(
             output,
             seed,
             rate,
+            pitch,
             tag,
         } => {
             let priority = parse_priority(priority.as_deref())?;
@@ -246,6 +247,7 @@ async fn handle(
             r.seed = seed.unwrap_or(0);
             r.max_frames = daemon.limits.max_frames;
             r.rate = rate.unwrap_or(daemon.info.default_rate);
+            r.pitch = pitch.unwrap_or(1.0);
             let d = daemon.clone();
             let job = tokio::task::spawn_blocking(move || d.engine.submit(r))
                 .await

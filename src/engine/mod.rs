@@ -16,7 +16,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::audio::stretch::{Stretcher, MAX_RATE, MIN_RATE};
+use crate::audio::prosody::{Prosody, MAX_PITCH, MIN_PITCH};
+use crate::audio::stretch::{MAX_RATE, MIN_RATE};
 use crate::model::noise::SeededNoise;
 use crate::model::prompt::PromptTokens;
 use crate::model::stream::{ChunkSchedule, StreamingDecoder};
@@ -78,6 +79,9 @@ pub struct SpeechRequest {
     pub max_frames: usize,
     /// Speaking rate, 1.0 = as generated (pitch is kept; see `audio::stretch`).
     pub rate: f32,
+    /// Pitch as a frequency ratio, 1.0 = as generated (duration is kept; see
+    /// `audio::prosody`).
+    pub pitch: f32,
     pub destination: Destination,
 }
 
@@ -91,6 +95,7 @@ impl SpeechRequest {
             cfg_alpha: DEFAULT_CFG_ALPHA,
             max_frames: DEFAULT_MAX_FRAMES,
             rate: 1.0,
+            pitch: 1.0,
             destination: Destination::Speaker,
         }
     }
@@ -320,6 +325,12 @@ impl Engine {
                 req.rate
             )));
         }
+        if !(MIN_PITCH..=MAX_PITCH).contains(&req.pitch) {
+            return Err(Error::InvalidInput(format!(
+                "pitch {} is outside {MIN_PITCH}..={MAX_PITCH}",
+                req.pitch
+            )));
+        }
         self.shared.model.voice(&req.voice)?;
         let sentences = text::split_sentences(&req.text, cfg.max_sentence_chars);
         let (tx, rx) = sync_channel(cfg.event_buffer.max(1));
@@ -462,7 +473,7 @@ impl Drop for Engine {
 struct Utterance<'m> {
     gen: Generation<'m>,
     dec: StreamingDecoder,
-    rate: Stretcher,
+    prosody: Prosody,
 }
 
 /// A job the worker holds, with the events it has made but not yet delivered. Delivery never
@@ -676,7 +687,7 @@ impl<'m> Active<'m> {
         self.utterance = Some(Utterance {
             gen,
             dec: StreamingDecoder::new(cfg.schedule),
-            rate: Stretcher::new(job.req.rate),
+            prosody: Prosody::new(model.sample_rate(), job.req.rate, job.req.pitch)?,
         });
         Ok(())
     }
@@ -692,13 +703,13 @@ impl<'m> Active<'m> {
                 self.job.frames += 1;
                 self.job.control.frames.fetch_add(1, Ordering::SeqCst);
                 if let Some(samples) = utt.dec.push(model.codec(), frame.codes)? {
-                    utt.rate.push(&samples, &mut out);
+                    utt.prosody.push(&samples, &mut out)?;
                 }
             }
             // A sentence with no audio (e.g. only punctuation) is skipped, not fatal.
             Ok(None) | Err(Error::NoAudio) => {
-                utt.rate.push(&utt.dec.flush(model.codec())?, &mut out);
-                utt.rate.finish(&mut out);
+                utt.prosody.push(&utt.dec.flush(model.codec())?, &mut out)?;
+                utt.prosody.finish(&mut out)?;
                 self.utterance = None;
                 self.spoke = true;
             }
