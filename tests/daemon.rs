@@ -297,6 +297,24 @@ fn install_writes_user_units() {
     .unwrap();
     assert!(act.contains("SystemdService=voxtrald.service"));
     assert!(act.contains("Name=org.voxtrald.Speech.Provider"));
+    // The Speech Dispatcher module runs this binary's module protocol.
+    let module = dir
+        .path()
+        .join(".local/libexec/speech-dispatcher-modules/sd_voxtrald");
+    let mode = std::fs::metadata(&module).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o755);
+    let mut child = Command::new(&module)
+        .arg("voxtrald.conf")
+        .env("HOME", dir.path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(b"QUIT\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "210 OK QUIT\n");
 }
 
 #[test]

@@ -4,6 +4,7 @@ mod bench;
 pub use bench::peak_rss_bytes;
 mod dev;
 mod say;
+mod sd_module;
 mod serve;
 
 use std::path::PathBuf;
@@ -59,6 +60,12 @@ enum Command {
     Status,
     /// Stop everything the running daemon is saying.
     Stop,
+    /// Speech Dispatcher output module (speech-dispatcher starts it as `sd_voxtrald`): speaks
+    /// the module protocol on stdin/stdout, using the running daemon.
+    SdModule {
+        /// The module configuration file speech-dispatcher passes (not used).
+        config: Option<PathBuf>,
+    },
     /// Install the systemd user unit and D-Bus activation file.
     Install {
         /// Install for the current user (the only supported mode).
@@ -318,6 +325,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status => serve::run_status(),
         Command::Stop => serve::run_stop(),
         Command::Install { user } => serve::run_install(user),
+        Command::SdModule { config: _ } => {
+            // Resolved here, reported at INIT: speech-dispatcher only sees the protocol.
+            let socket = serve::load_config(None).and_then(|cfg| {
+                crate::daemon::socket_path(cfg.socket.as_ref()).map_err(anyhow::Error::from)
+            });
+            sd_module::run(socket)
+        }
         Command::Dev(d) => dev::run(d),
     }
 }

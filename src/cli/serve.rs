@@ -207,25 +207,42 @@ pub fn run_install(user: bool) -> anyhow::Result<()> {
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
         .unwrap_or_else(|| home.join(".local/share"));
+    // (path, contents, executable)
     let files = [
         (
             config.join("systemd/user/voxtrald.service"),
             include_str!("../../systemd/voxtrald.service"),
+            false,
         ),
         (
             data.join("dbus-1/services/org.voxtrald.Speech.Provider.service"),
             include_str!("../../systemd/org.voxtrald.Speech.Provider.service"),
+            false,
+        ),
+        // Where speech-dispatcher looks for a user's own output modules.
+        (
+            home.join(".local/libexec/speech-dispatcher-modules/sd_voxtrald"),
+            include_str!("../../systemd/sd_voxtrald"),
+            true,
         ),
     ];
-    for (path, template) in files {
+    for (path, template, executable) in files {
         let dir = path.parent().context("no parent")?;
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let text = template.replace("@BINDIR@", &bindir);
         crate::atomic::write_atomic(&path, |w| std::io::Write::write_all(w, text.as_bytes()))?;
+        if executable {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
+                .with_context(|| format!("making {} executable", path.display()))?;
+        }
         println!("wrote {}", path.display());
     }
     println!(
-        "enable with: systemctl --user daemon-reload && systemctl --user enable --now voxtrald"
+        "enable with: systemctl --user daemon-reload && systemctl --user enable --now voxtrald\n\
+         Speech Dispatcher finds the module `voxtrald` when it next starts (try \
+         `spd-say -o voxtrald hello`); a speechd.conf with AddModule lines also needs \
+         `AddModule \"voxtrald\" \"sd_voxtrald\" \"voxtrald.conf\"`"
     );
     Ok(())
 }

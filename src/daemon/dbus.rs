@@ -76,26 +76,9 @@ fn display_name(id: &str, lang: &str) -> String {
     format!("Voxtral {} ({language})", words.join(" "))
 }
 
-/// Plain text from SSML: tags dropped, the five XML entities decoded.
+/// Plain text from SSML: tags dropped, entities decoded.
 pub fn strip_ssml(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut in_tag = false;
-    for c in s.chars() {
-        match c {
-            '<' => in_tag = true,
-            '>' if in_tag => {
-                in_tag = false;
-                out.push(' ');
-            }
-            _ if !in_tag => out.push(c),
-            _ => {}
-        }
-    }
-    out.replace("&lt;", "<")
-        .replace("&gt;", ">")
-        .replace("&quot;", "\"")
-        .replace("&apos;", "'")
-        .replace("&amp;", "&")
+    crate::engine::ssml::to_text(s).0
 }
 
 pub struct Provider {

@@ -255,7 +255,7 @@ async fn handle(
                 .map_err(|e| e.to_string())?;
             let id = job.id;
             let mut accepted = json!({"event": "accepted", "job": id, "tag": tag});
-            if output == Output::Raw {
+            if output != Output::Play {
                 accepted["format"] = "s16le".into();
                 accepted["rate"] = daemon.sample_rate().into();
                 accepted["channels"] = 1.into();

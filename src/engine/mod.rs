@@ -6,6 +6,7 @@
 //! clients run together, and every job being spoken advances by one frame in one shared
 //! decoding step, so the weights are read once per frame for all of them.
 
+pub mod ssml;
 pub mod text;
 
 use std::collections::VecDeque;
