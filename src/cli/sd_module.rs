@@ -104,6 +104,15 @@ impl Settings {
         2f32.powf(self.number("pitch") / 100.0)
     }
 
+    /// `volume` −100…100 as a gain: 100 (speech-dispatcher's default) is full scale, −100
+    /// silence. Applied here, since the server plays what the module hands it.
+    fn gain(&self) -> f32 {
+        match self.get("volume") {
+            None => 1.0,
+            Some(_) => (self.number("volume") + 100.0) / 200.0,
+        }
+    }
+
     /// The daemon voice for these settings: the synthesis voice if it is one of ours, else a
     /// voice of the language (and of the symbolic voice's gender where there is a choice),
     /// else none (the daemon's default).
@@ -395,6 +404,7 @@ impl Module {
         }
         let utterance = Utterance {
             n,
+            gain: self.settings.gain(),
             out: self.out.clone(),
             marks,
             rate: self.sample_rate,
@@ -409,6 +419,7 @@ impl Module {
 /// One message being spoken, on its own connection to the daemon.
 struct Utterance {
     n: u64,
+    gain: f32,
     out: Arc<Mutex<Out>>,
     /// Marks not yet reported, in text order.
     marks: Vec<Mark>,
@@ -467,9 +478,10 @@ impl Utterance {
                     o.marks(&due)?;
                 }
                 "audio" => {
-                    let pcm = base64::engine::general_purpose::STANDARD
+                    let mut pcm = base64::engine::general_purpose::STANDARD
                         .decode(ev["pcm"].as_str().unwrap_or(""))
                         .context("the daemon sent bad audio")?;
+                    scale_pcm(&mut pcm, self.gain);
                     o.audio(&pcm, self.rate)?;
                 }
                 "finished" => return Ok(()),
@@ -480,6 +492,17 @@ impl Utterance {
             }
         }
         Ok(())
+    }
+}
+
+/// Scales 16-bit little-endian samples in place.
+fn scale_pcm(pcm: &mut [u8], gain: f32) {
+    if gain == 1.0 {
+        return;
+    }
+    for s in pcm.chunks_exact_mut(2) {
+        let v = i16::from_le_bytes([s[0], s[1]]) as f32 * gain;
+        s.copy_from_slice(&(v.round().clamp(-32768.0, 32767.0) as i16).to_le_bytes());
     }
 }
 
@@ -528,6 +551,12 @@ mod tests {
         let s = settings(&[("rate", "100"), ("pitch", "-100")]);
         assert_eq!((s.rate(), s.pitch()), (4.0, 0.5));
         let s = settings(&[("rate", "0"), ("pitch", "junk")]);
-        assert_eq!((s.rate(), s.pitch()), (1.0, 1.0));
+        assert_eq!((s.rate(), s.pitch(), s.gain()), (1.0, 1.0, 1.0));
+        let s = settings(&[("volume", "0")]);
+        assert_eq!(s.gain(), 0.5);
+        let mut pcm = [0x00, 0x40, 0x00, 0xc0]; // 16384, -16384
+        scale_pcm(&mut pcm, s.gain());
+        assert_eq!(pcm, [0x00, 0x20, 0x00, 0xe0]);
+        assert_eq!(settings(&[("volume", "-100")]).gain(), 0.0);
     }
 }
