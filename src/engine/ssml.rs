@@ -9,57 +9,115 @@ pub struct Mark {
 }
 
 /// Plain text of an SSML document: tags become a space (one between words is enough), the
-/// XML entities are decoded, and marks are kept with their offsets (in characters).
+/// XML entities are decoded, and marks are kept with their offsets (in characters). What the
+/// model cannot read as written is rewritten: `<sub alias="…">` speaks its alias, and
+/// `<say-as interpret-as="characters">` (or `spell-out`) spaces the letters out.
 pub fn to_text(ssml: &str) -> (String, Vec<Mark>) {
-    let mut out = String::with_capacity(ssml.len());
-    let mut chars = 0usize;
-    let mut marks = Vec::new();
+    let mut t = Text::default();
+    let mut spelling = false;
     let mut rest = ssml;
     while let Some(c) = rest.chars().next() {
         match c {
             '<' => {
                 let end = rest.find('>').map_or(rest.len(), |i| i + 1);
                 let tag = &rest[..end];
-                if let Some(name) = mark_name(tag) {
-                    marks.push(Mark {
-                        name,
-                        offset: chars,
-                    });
-                }
-                if !out.is_empty() && !out.ends_with(char::is_whitespace) {
-                    out.push(' ');
-                    chars += 1;
-                }
                 rest = &rest[end..];
-            }
-            '&' => {
-                let (decoded, used) = entity(rest).unwrap_or(('&', 1));
-                out.push(decoded);
-                chars += 1;
-                rest = &rest[used..];
+                t.space();
+                match tag_name(tag) {
+                    "mark" => {
+                        if let Some(name) = attribute(tag, "name") {
+                            t.marks.push(Mark {
+                                name,
+                                offset: t.chars,
+                            });
+                        }
+                    }
+                    "sub" => {
+                        if let Some(alias) = attribute(tag, "alias") {
+                            // The alias replaces the content, up to the closing tag.
+                            let close = rest.find("</sub").unwrap_or(rest.len());
+                            rest = &rest[close..];
+                            alias.chars().for_each(|c| t.push(c));
+                        }
+                    }
+                    "say-as" => {
+                        spelling = matches!(
+                            attribute(tag, "interpret-as").as_deref(),
+                            Some("characters" | "spell-out")
+                        );
+                    }
+                    "/say-as" => spelling = false,
+                    _ => {}
+                }
             }
             _ => {
-                out.push(c);
-                chars += 1;
-                rest = &rest[c.len_utf8()..];
+                let (c, used) = if c == '&' {
+                    entity(rest).unwrap_or(('&', 1))
+                } else {
+                    (c, c.len_utf8())
+                };
+                rest = &rest[used..];
+                if spelling && !c.is_whitespace() {
+                    t.space();
+                }
+                t.push(c);
             }
         }
     }
-    (out, marks)
+    (t.out, t.marks)
 }
 
-/// The `name` of a `<mark …>` tag.
-fn mark_name(tag: &str) -> Option<String> {
-    let body = tag.strip_prefix("<mark")?;
-    if !body.starts_with(|c: char| c.is_whitespace() || c == '/' || c == '>') {
-        return None;
+/// The plain text being built, counted in characters for the marks.
+#[derive(Default)]
+struct Text {
+    out: String,
+    chars: usize,
+    marks: Vec<Mark>,
+}
+
+impl Text {
+    fn push(&mut self, c: char) {
+        self.out.push(c);
+        self.chars += 1;
     }
-    let at = body.find("name")?;
-    let after = body[at + 4..].trim_start().strip_prefix('=')?.trim_start();
-    let quote = after.chars().next().filter(|q| *q == '"' || *q == '\'')?;
-    let value = &after[1..];
-    let end = value.find(quote)?;
-    Some(to_text(&value[..end]).0)
+
+    /// A word boundary, unless there is one already.
+    fn space(&mut self) {
+        if !self.out.is_empty() && !self.out.ends_with(char::is_whitespace) {
+            self.push(' ');
+        }
+    }
+}
+
+/// `mark` for `<mark …>`, `/say-as` for `</say-as>`.
+fn tag_name(tag: &str) -> &str {
+    let body = tag.trim_start_matches('<');
+    let end = body
+        .find(|c: char| c.is_whitespace() || c == '>' || (c == '/' && !body.starts_with('/')))
+        .unwrap_or(body.len());
+    &body[..end]
+}
+
+/// The value of attribute `name` in a tag, entities decoded.
+fn attribute(tag: &str, name: &str) -> Option<String> {
+    let mut from = 0;
+    while let Some(i) = tag[from..].find(name) {
+        let at = from + i;
+        from = at + name.len();
+        // A whole attribute name, not the end of another one.
+        if !tag[..at].ends_with(char::is_whitespace) {
+            continue;
+        }
+        let Some(after) = tag[from..].trim_start().strip_prefix('=') else {
+            continue;
+        };
+        let after = after.trim_start();
+        let quote = after.chars().next().filter(|q| *q == '"' || *q == '\'')?;
+        let value = &after[1..];
+        let end = value.find(quote)?;
+        return Some(to_text(&value[..end]).0);
+    }
+    None
 }
 
 /// Decodes the entity at the start of `s`: the five XML ones and numeric references.
@@ -104,6 +162,23 @@ mod tests {
         assert_eq!(marks[0].name, "0:5");
         assert_eq!(marks[1].name, "6:11");
         assert_eq!(words, ["Hello", "world"]);
+    }
+
+    #[test]
+    fn sub_and_say_as_characters_are_spoken_as_meant() {
+        let (text, marks) = to_text(
+            r#"<speak><sub alias="World Wide Web">WWW</sub> and <say-as interpret-as="characters">NVDA</say-as><mark name="m"/> done</speak>"#,
+        );
+        assert_eq!(
+            text.split_whitespace().collect::<Vec<_>>().join(" "),
+            "World Wide Web and N V D A done"
+        );
+        let after: String = text.chars().skip(marks[0].offset).collect();
+        assert_eq!(after.trim(), "done");
+        assert_eq!(
+            to_text("<say-as interpret-as='date'>1/2</say-as>").0.trim(),
+            "1/2"
+        );
     }
 
     #[test]
