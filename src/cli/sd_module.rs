@@ -375,6 +375,10 @@ impl Module {
         // A new message replaces one still speaking (the server normally stops it first).
         self.stop(Some("703 STOP"));
         let (text, marks) = match kind {
+            // Spelling mode reads letter by letter, as `say-as characters` does.
+            "SPEAK" if self.settings.get("spelling_mode") == Some("on") => ssml::to_text(&format!(
+                "<say-as interpret-as=\"characters\">{data}</say-as>"
+            )),
             "SPEAK" => ssml::to_text(data),
             // A character or a key name such as `shift_a`; `space` reads as the word.
             "CHAR" | "KEY" => (data.replace('_', " "), Vec::new()),
