@@ -569,3 +569,35 @@ fn max_streams_caps_how_many_clients_share_a_step() {
     }
     assert!(e.widest_step() <= 2, "widest step {}", e.widest_step());
 }
+
+#[test]
+fn a_consumer_at_playback_pace_gets_all_the_audio_and_the_end() {
+    let e = Engine::new(
+        shared_model(),
+        EngineConfig {
+            event_buffer: 1,
+            ..Default::default()
+        },
+    );
+    let mut job = e.submit(req("Slowly read.", Priority::Text, 30)).unwrap();
+    // The consumer falls behind near the end, as a sound card does: from the chunk at frame 26
+    // on, generation finishes while the consumer sleeps, and the end waits behind the audio.
+    let mut events = Vec::new();
+    let mut pauses = 0;
+    while let Ok(Some(ev)) = job.recv_timeout(LONG) {
+        let audio = matches!(ev, Event::Audio { .. });
+        events.push(ev);
+        if audio && pauses < 2 && job.frames() >= 26 {
+            pauses += 1;
+            std::thread::sleep(Duration::from_millis(1500));
+        }
+    }
+    assert!(pauses > 0);
+    assert!(
+        matches!(events.last(), Some(Event::Finished { frames: 30, .. })),
+        "the end was dropped: {} events, the last a terminal one: {:?}",
+        events.len(),
+        events.last().map(Event::is_terminal)
+    );
+    assert_eq!(audio_of(&events).len(), 30 * 1920);
+}

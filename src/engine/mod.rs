@@ -494,7 +494,9 @@ struct Active<'m> {
     done: bool,
 }
 
-/// How long a terminal event waits for a consumer whose buffer is full of skipped audio.
+/// How long a cancellation waits for a consumer whose buffer is full of audio it will skip.
+/// Other endings wait as long as the consumer is there: it is reading, maybe at the pace of
+/// playback.
 const FINAL_DELIVERY: Duration = Duration::from_secs(1);
 
 impl<'m> Active<'m> {
@@ -583,8 +585,9 @@ impl<'m> Active<'m> {
                     }
                 }
                 Err(TrySendError::Full(ev)) => {
+                    let cancelled = matches!(ev, Event::Cancelled { .. });
                     self.outbox.push_front(ev);
-                    if self.ending.is_some_and(|t| t.elapsed() > FINAL_DELIVERY) {
+                    if cancelled && self.ending.is_some_and(|t| t.elapsed() > FINAL_DELIVERY) {
                         self.done = true;
                     }
                     break;
