@@ -601,3 +601,28 @@ fn a_consumer_at_playback_pace_gets_all_the_audio_and_the_end() {
     );
     assert_eq!(audio_of(&events).len(), 30 * 1920);
 }
+
+#[test]
+fn the_lexicon_changes_what_is_said_not_the_offsets() {
+    let lexicon = voxtrald::engine::lexicon::Lexicon::new([("Zork", "Hello world")])
+        .unwrap()
+        .map(Arc::new);
+    let e = Engine::new(
+        shared_model(),
+        EngineConfig {
+            lexicon,
+            ..Default::default()
+        },
+    );
+    let plain = drain(&mut e.submit(req("Hello world.", Priority::Text, 8)).unwrap());
+    let listed = drain(&mut e.submit(req("ZORK.", Priority::Text, 8)).unwrap());
+    assert_eq!(
+        audio_of(&plain),
+        audio_of(&listed),
+        "said as the lexicon says"
+    );
+    assert!(listed.contains(&Event::Sentence { range: 0..5 }));
+    // Without the entry the text is read as written.
+    let other = drain(&mut engine().submit(req("ZORK.", Priority::Text, 8)).unwrap());
+    assert_ne!(audio_of(&other), audio_of(&listed));
+}

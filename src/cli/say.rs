@@ -189,7 +189,22 @@ pub fn run(a: SayArgs) -> anyhow::Result<()> {
         None => Sink::Play(Box::new(Player::open_default(rate)?)),
     };
     let model = Arc::new(a.model.load()?);
-    let engine = Engine::new(model, EngineConfig::default());
+    // The daemon's pronunciations apply here too.
+    let lexicon = match super::serve::load_config(None).map(|c| c.lexicon()) {
+        Ok(Ok(lexicon)) => lexicon.map(Arc::new),
+        Ok(Err(e)) => return Err(e.into()),
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "config not read; no lexicon");
+            None
+        }
+    };
+    let engine = Engine::new(
+        model,
+        EngineConfig {
+            lexicon,
+            ..Default::default()
+        },
+    );
     let mut job = engine.submit(SpeechRequest {
         text,
         voice: a.voice,

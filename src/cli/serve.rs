@@ -109,6 +109,7 @@ pub fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
         EngineConfig {
             max_text_bytes: cfg.limits.max_text_bytes,
             max_streams: cfg.limits.max_streams,
+            lexicon: cfg.lexicon()?.map(Arc::new),
             ..Default::default()
         },
     );

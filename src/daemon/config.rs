@@ -32,6 +32,9 @@ pub struct Config {
     pub dbus: Option<bool>,
     #[serde(default)]
     pub limits: Limits,
+    /// Pronunciations: written form = spoken form, whole words, any case.
+    #[serde(default)]
+    pub lexicon: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -97,6 +100,13 @@ impl Config {
         Ok(cfg)
     }
 
+    /// The `[lexicon]` table, ready for the engine.
+    pub fn lexicon(&self) -> Result<Option<crate::engine::lexicon::Lexicon>> {
+        crate::engine::lexicon::Lexicon::new(
+            self.lexicon.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        )
+    }
+
     fn validate(&self, path: &Path) -> Result<()> {
         let bad = |key: &str, why: &str| Error::Config {
             path: path.into(),
@@ -131,6 +141,9 @@ impl Config {
             if crate::cli::parse_device_name(d).is_err() {
                 return Err(bad("device", "must be auto, cpu, cuda or cuda:N"));
             }
+        }
+        if let Err(e) = self.lexicon() {
+            return Err(bad("lexicon", &e.to_string()));
         }
         let l = &self.limits;
         if l.max_request_bytes < 1024 {
@@ -199,5 +212,10 @@ mod tests {
         let e = parse("max_memory = \"lots\"").unwrap_err().to_string();
         assert!(e.contains("`max_memory`"), "{e}");
         assert!(parse("max_memory = \"6GiB\"\ndtype = \"auto\"").is_ok());
+        let e = parse("[lexicon]\n\" \" = \"x\"").unwrap_err().to_string();
+        assert!(e.contains("`lexicon`"), "{e}");
+        let cfg = parse("[lexicon]\nnginx = \"engine x\"\n\"C++\" = \"C plus plus\"").unwrap();
+        let lex = cfg.lexicon().unwrap().unwrap();
+        assert_eq!(lex.apply("nginx in C++"), "engine x in C plus plus");
     }
 }

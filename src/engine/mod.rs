@@ -6,6 +6,7 @@
 //! clients run together, and every job being spoken advances by one frame in one shared
 //! decoding step, so the weights are read once per frame for all of them.
 
+pub mod lexicon;
 pub mod ssml;
 pub mod text;
 
@@ -151,6 +152,8 @@ pub struct EngineConfig {
     pub max_text_bytes: usize,
     /// Client jobs decoded together; the speaker's job is one more.
     pub max_streams: usize,
+    /// Words said differently from how they are written.
+    pub lexicon: Option<Arc<lexicon::Lexicon>>,
 }
 
 impl Default for EngineConfig {
@@ -161,6 +164,7 @@ impl Default for EngineConfig {
             event_buffer: 32,
             max_text_bytes: 1 << 20,
             max_streams: DEFAULT_MAX_STREAMS,
+            lexicon: None,
         }
     }
 }
@@ -656,7 +660,12 @@ impl<'m> Active<'m> {
             .max_positions()
             .saturating_sub(rows + PromptTokens::OVERHEAD)
             / 7;
-        let prompt = model.prompt(&job.req.voice, &text);
+        // The model reads the user's pronunciations; the ranges stay on the text as sent.
+        let said = match &cfg.lexicon {
+            Some(lexicon) => lexicon.apply(&text),
+            None => std::borrow::Cow::Borrowed(text.as_str()),
+        };
+        let prompt = model.prompt(&job.req.voice, &said);
         let too_long = match &prompt {
             Ok(p) => p.ids.len() - rows - PromptTokens::OVERHEAD > budget.max(1),
             Err(Error::ContextOverflow { .. }) => true,
