@@ -80,15 +80,30 @@ pub fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let (listener, mut term, mut int) = {
+    let (listener, http_listener, mut term, mut int) = {
         let _g = rt.enter();
         // Signals are caught from here on, so a stop during model loading is clean too.
         use tokio::signal::unix::{signal, SignalKind};
+        let http = match &cfg.http {
+            Some(addr) => {
+                let addr = crate::daemon::http::parse_addr(addr).map_err(anyhow::Error::msg)?;
+                let l = std::net::TcpListener::bind(addr)
+                    .with_context(|| format!("listening on {addr}"))?;
+                l.set_nonblocking(true)?;
+                Some(tokio::net::TcpListener::from_std(l)?)
+            }
+            None => None,
+        };
         (
             socket::bind(&path)?,
+            http,
             signal(SignalKind::terminate())?,
             signal(SignalKind::interrupt())?,
         )
+    };
+    let http_addr = match &http_listener {
+        Some(l) => Some(l.local_addr()?.to_string()),
+        None => None,
     };
     let path_guard = RemoveOnDrop(path.clone());
     let model = Arc::new(margs.load()?);
@@ -102,6 +117,7 @@ pub fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
         dtype: format!("{:?}", model.dtype()).to_lowercase(),
         default_voice: voice,
         default_rate: cfg.rate.unwrap_or(1.0),
+        http: http_addr,
     };
     let rate = model.sample_rate();
     let engine = Engine::new(
@@ -126,8 +142,11 @@ pub fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
             daemon.clone(),
             listener,
             path.clone(),
-            stop_rx,
+            stop_rx.clone(),
         ));
+        if let Some(l) = http_listener {
+            tokio::spawn(crate::daemon::http::serve(daemon.clone(), l, stop_rx));
+        }
         let bus = if use_dbus {
             match dbus::serve(daemon.clone()).await {
                 Ok(c) => Some(c),

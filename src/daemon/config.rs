@@ -30,6 +30,9 @@ pub struct Config {
     pub socket: Option<PathBuf>,
     /// Serve D-Bus on the session bus (default true).
     pub dbus: Option<bool>,
+    /// Serve the OpenAI-style speech API on this loopback address, e.g. `"127.0.0.1:8880"`
+    /// (default: not at all).
+    pub http: Option<String>,
     #[serde(default)]
     pub limits: Limits,
     /// Pronunciations: written form = spoken form, whole words, any case.
@@ -142,6 +145,11 @@ impl Config {
                 return Err(bad("device", "must be auto, cpu, cuda or cuda:N"));
             }
         }
+        if let Some(h) = &self.http {
+            if let Err(e) = crate::daemon::http::parse_addr(h) {
+                return Err(bad("http", &e));
+            }
+        }
         if let Err(e) = self.lexicon() {
             return Err(bad("lexicon", &e.to_string()));
         }
@@ -212,6 +220,9 @@ mod tests {
         let e = parse("max_memory = \"lots\"").unwrap_err().to_string();
         assert!(e.contains("`max_memory`"), "{e}");
         assert!(parse("max_memory = \"6GiB\"\ndtype = \"auto\"").is_ok());
+        let e = parse("http = \"0.0.0.0:8880\"").unwrap_err().to_string();
+        assert!(e.contains("`http`") && e.contains("loopback"), "{e}");
+        assert!(parse("http = \"[::1]:8880\"").is_ok());
         let e = parse("[lexicon]\n\" \" = \"x\"").unwrap_err().to_string();
         assert!(e.contains("`lexicon`"), "{e}");
         let cfg = parse("[lexicon]\nnginx = \"engine x\"\n\"C++\" = \"C plus plus\"").unwrap();

@@ -4,6 +4,7 @@
 pub mod client;
 pub mod config;
 pub mod dbus;
+pub mod http;
 pub mod playback;
 pub mod protocol;
 pub mod socket;
@@ -22,6 +23,8 @@ pub struct Info {
     pub dtype: String,
     pub default_voice: String,
     pub default_rate: f32,
+    /// The speech API's address, when one is configured.
+    pub http: Option<String>,
 }
 
 /// Shared by every front end.

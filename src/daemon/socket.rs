@@ -307,6 +307,7 @@ pub fn status_json(daemon: &Daemon) -> serde_json::Value {
         "queue": daemon.engine.queue_len(),
         "paused": daemon.playback.is_paused(),
         "peak_rss_bytes": crate::cli::peak_rss_bytes(),
+        "http": daemon.info.http,
     })
 }
 

@@ -1,0 +1,225 @@
+//! The OpenAI-style speech API: streamed WAV and PCM, voices and models, and bad requests
+//! answered with JSON errors while the daemon keeps serving.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+
+use common::served::Served;
+use serde_json::{json, Value};
+
+struct Response {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+    /// A chunked body ended with its final chunk.
+    complete: bool,
+}
+
+impl Response {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap()
+    }
+}
+
+fn request(addr: &str, raw: &[u8]) -> Response {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(raw).unwrap();
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    let status = line.split(' ').nth(1).unwrap().parse().unwrap();
+    let mut headers = Vec::new();
+    loop {
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        let (n, v) = l.split_once(':').unwrap();
+        headers.push((n.trim().to_string(), v.trim().to_string()));
+    }
+    let mut res = Response {
+        status,
+        headers,
+        body: Vec::new(),
+        complete: false,
+    };
+    if res.header("transfer-encoding") == Some("chunked") {
+        loop {
+            line.clear();
+            if r.read_line(&mut line).unwrap() == 0 {
+                break; // cut short
+            }
+            let n = usize::from_str_radix(line.trim_end(), 16).unwrap();
+            if n == 0 {
+                res.complete = true;
+                break;
+            }
+            let mut data = vec![0; n + 2];
+            r.read_exact(&mut data).unwrap();
+            res.body.extend_from_slice(&data[..n]);
+        }
+    } else {
+        r.read_to_end(&mut res.body).unwrap();
+    }
+    res
+}
+
+fn post(addr: &str, body: &str) -> Response {
+    request(
+        addr,
+        format!(
+            "POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+}
+
+fn get(addr: &str, path: &str) -> Response {
+    request(
+        addr,
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
+    )
+}
+
+#[test]
+fn speech_api_streams_wav_and_pcm_and_refuses_bad_requests() {
+    let d = Served::start(
+        "http = \"127.0.0.1:0\"\n[limits]\nmax_frames = 6\nmax_request_bytes = 16384\n",
+        &[],
+    );
+    let status = d.connect().call(json!({"op": "status"}));
+    let addr = status["http"]
+        .as_str()
+        .expect("http address in status")
+        .to_string();
+    assert!(addr.starts_with("127.0.0.1:"), "{addr}");
+
+    let voices = get(&addr, "/v1/audio/voices");
+    assert_eq!(voices.status, 200);
+    assert_eq!(voices.json()["voices"].as_array().unwrap().len(), 20);
+    assert_eq!(
+        voices.json()["voices"][0]["id"],
+        voices.json()["voices"][0]["name"]
+    );
+    assert_eq!(
+        get(&addr, "/v1/models").json()["data"][0]["id"],
+        "voxtral-4b-tts"
+    );
+
+    // Two sentences of 6 frames: 2 * 6 * 1920 samples of 16 bits.
+    let want = 2 * 6 * 1920 * 2;
+    let pcm = post(
+        &addr,
+        r#"{"model": "tts-1", "input": "One here. Two there.", "voice": "fr_female", "response_format": "pcm"}"#,
+    );
+    assert_eq!(pcm.status, 200);
+    assert_eq!(pcm.header("content-type"), Some("audio/pcm"));
+    assert!(pcm.complete);
+    assert_eq!(pcm.body.len(), want);
+    // WAV (the default format), an OpenAI voice name, a voice object, speed.
+    let wav = post(
+        &addr,
+        r#"{"input": "One here. Two there.", "voice": "alloy"}"#,
+    );
+    assert_eq!(wav.status, 200);
+    assert_eq!(wav.header("content-type"), Some("audio/wav"));
+    assert_eq!(&wav.body[..4], b"RIFF");
+    assert_eq!(&wav.body[8..16], b"WAVEfmt ");
+    assert_eq!(
+        u32::from_le_bytes(wav.body[24..28].try_into().unwrap()),
+        24000
+    );
+    assert_eq!(wav.body.len(), 44 + want);
+    let fast = post(
+        &addr,
+        r#"{"input": "One here. Two there.", "voice": {"id": "casual_male"}, "speed": 2.0, "response_format": "pcm"}"#,
+    );
+    assert_eq!(fast.status, 200);
+    assert_eq!(fast.body.len(), want / 2);
+
+    let bad: [(&str, u16, &str); 6] = [
+        (r#"{"voice": "alloy"}"#, 400, "input"),
+        (
+            r#"{"input": "hi", "voice": "nobody"}"#,
+            400,
+            "unknown voice",
+        ),
+        (
+            r#"{"input": "hi", "response_format": "mp3"}"#,
+            400,
+            "\"wav\"",
+        ),
+        (r#"{"input": "   "}"#, 400, "empty"),
+        (r#"{"input": "hi", "speed": 9}"#, 400, "rate"),
+        ("{not json", 400, "bad request body"),
+    ];
+    for (body, status, says) in bad {
+        let r = post(&addr, body);
+        assert_eq!(r.status, status, "{body}");
+        let msg = r.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .to_lowercase();
+        assert!(msg.contains(says), "{body}: {msg}");
+    }
+    let big = format!(r#"{{"input": "{}"}}"#, "a".repeat(20000));
+    assert_eq!(post(&addr, &big).status, 413);
+    assert_eq!(get(&addr, "/v1/nothing").status, 404);
+    assert_eq!(get(&addr, "/v1/audio/speech").status, 405);
+    assert_eq!(request(&addr, b"garbage\r\n\r\n").status, 400);
+
+    // A client that leaves mid-stream cancels its job; the daemon goes on serving.
+    // 1000 sentences of 6 frames take over a minute here.
+    let long = "Go on. ".repeat(1000);
+    let body = json!({"input": long, "response_format": "pcm"}).to_string();
+    {
+        let mut s = TcpStream::connect(&addr).unwrap();
+        s.write_all(
+            format!(
+                "POST /v1/audio/speech HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        let mut first = [0u8; 256];
+        let _ = s.read(&mut first).unwrap();
+    }
+    let mut c = d.connect();
+    let start = std::time::Instant::now();
+    while c.call(json!({"op": "status"}))["queue"] != 0 {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(20),
+            "the abandoned job still runs"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(
+        post(
+            &addr,
+            r#"{"input": "Still here.", "response_format": "pcm"}"#
+        )
+        .status,
+        200
+    );
+}
+
+#[test]
+fn no_address_no_listener() {
+    let d = Served::start("[limits]\nmax_frames = 6\n", &[]);
+    let status = d.connect().call(json!({"op": "status"}));
+    assert!(status["http"].is_null());
+}
