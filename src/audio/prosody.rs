@@ -68,21 +68,12 @@ impl Prosody {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn sine(n: usize, f: f32) -> Vec<f32> {
-        (0..n)
-            .map(|i| (2.0 * std::f32::consts::PI * f * i as f32 / 24000.0).sin() * 0.5)
-            .collect()
-    }
+    use crate::audio::test_signal::{crossings, sine};
 
     /// Frequency from upward zero crossings, edges left out.
     fn frequency(x: &[f32]) -> f32 {
         let core = &x[2400..x.len() - 2400];
-        let up = core
-            .windows(2)
-            .filter(|w| w[0] <= 0.0 && w[1] > 0.0)
-            .count();
-        up as f32 / (core.len() as f32 / 24000.0)
+        crossings(core) as f32 / (core.len() as f32 / 24000.0)
     }
 
     fn shape(x: &[f32], rate: f32, pitch: f32) -> Vec<f32> {

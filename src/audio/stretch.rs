@@ -150,16 +150,7 @@ impl Stretcher {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn sine(n: usize, f: f32) -> Vec<f32> {
-        (0..n)
-            .map(|i| (2.0 * std::f32::consts::PI * f * i as f32 / 24000.0).sin() * 0.5)
-            .collect()
-    }
-
-    fn crossings(x: &[f32]) -> usize {
-        x.windows(2).filter(|w| w[0] <= 0.0 && w[1] > 0.0).count()
-    }
+    use crate::audio::test_signal::{crossings, sine};
 
     fn stretch(x: &[f32], rate: f32, chunk: usize) -> Vec<f32> {
         let mut s = Stretcher::new(rate);
