@@ -153,7 +153,6 @@ struct Module {
     voices: Vec<(String, String)>,
     settings: Settings,
     server_audio: bool,
-    sample_rate: u32,
 }
 
 fn lock(out: &Mutex<Out>) -> MutexGuard<'_, Out> {
@@ -184,7 +183,6 @@ fn serve(
         voices: Vec::new(),
         settings: Settings::default(),
         server_audio: false,
-        sample_rate: 24000,
     };
     let mut line = String::new();
     loop {
@@ -411,7 +409,8 @@ impl Module {
             gain: self.settings.gain(),
             out: self.out.clone(),
             marks,
-            rate: self.sample_rate,
+            // The model's rate; the daemon's `accepted` line confirms it.
+            rate: 24000,
             begun: false,
         };
         let socket = self.socket()?.to_path_buf();

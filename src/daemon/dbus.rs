@@ -76,11 +76,6 @@ fn display_name(id: &str, lang: &str) -> String {
     format!("Voxtral {} ({language})", words.join(" "))
 }
 
-/// Plain text from SSML: tags dropped, entities decoded.
-pub fn strip_ssml(s: &str) -> String {
-    crate::engine::ssml::to_text(s).0
-}
-
 pub struct Provider {
     pub daemon: Arc<Daemon>,
 }
@@ -100,7 +95,11 @@ impl Provider {
         is_ssml: bool,
         language: String,
     ) -> zbus::fdo::Result<()> {
-        let text = if is_ssml { strip_ssml(&text) } else { text };
+        let text = if is_ssml {
+            crate::engine::ssml::to_text(&text).0
+        } else {
+            text
+        };
         let voice = if voice_id.is_empty() {
             self.daemon.info.default_voice.clone()
         } else {

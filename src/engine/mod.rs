@@ -238,7 +238,6 @@ struct Queued {
     sentences: Vec<Range<usize>>,
     next_sentence: usize,
     offset: u64,
-    frames: usize,
     started: Option<Instant>,
 }
 
@@ -369,7 +368,6 @@ impl Engine {
             sentences,
             next_sentence: 0,
             offset: 0,
-            frames: 0,
             started: None,
         };
         if !speaker {
@@ -713,7 +711,6 @@ impl<'m> Active<'m> {
         let mut out = Vec::new();
         match frame {
             Ok(Some(frame)) => {
-                self.job.frames += 1;
                 self.job.control.frames.fetch_add(1, Ordering::SeqCst);
                 if let Some(samples) = utt.dec.push(model.codec(), frame.codes)? {
                     utt.prosody.push(&samples, &mut out)?;
@@ -743,7 +740,7 @@ impl<'m> Active<'m> {
         let secs = self.job.offset as f64 / sample_rate as f64;
         let took = self.job.started.map_or(0.0, |t| t.elapsed().as_secs_f64());
         self.end(Event::Finished {
-            frames: self.job.frames,
+            frames: self.job.control.frames.load(Ordering::SeqCst),
             seconds: secs,
             rtf: took / secs.max(1e-9),
         });

@@ -164,14 +164,6 @@ enum BlockState {
 pub struct CodecState {
     blocks: Vec<BlockState>,
     output: Option<Tensor>,
-    frames: usize,
-}
-
-impl CodecState {
-    /// Frames decoded on this state so far.
-    pub fn frames(&self) -> usize {
-        self.frames
-    }
 }
 
 pub struct CodecDecoder {
@@ -370,7 +362,6 @@ impl CodecDecoder {
                 })
                 .collect(),
             output: None,
-            frames: 0,
         }
     }
 
@@ -431,7 +422,6 @@ impl CodecDecoder {
         if let Some(s) = stages {
             s.push(y.clone());
         }
-        state.frames += n;
         Ok(y.flatten_all()?.to_vec1()?)
     }
 

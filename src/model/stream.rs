@@ -58,11 +58,6 @@ impl StreamingDecoder {
         }
     }
 
-    /// Frames decoded so far.
-    pub fn decoded_frames(&self) -> usize {
-        self.decoded
-    }
-
     /// Adds a frame; returns a chunk of samples when the schedule says one is due.
     pub fn push(&mut self, codec: &CodecDecoder, frame: Vec<u32>) -> Result<Option<Vec<f32>>> {
         self.pending.push(frame);
