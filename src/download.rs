@@ -20,6 +20,9 @@ use sha2::{Digest, Sha256};
 use crate::error::{Error, Result};
 
 pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
+
+/// The official model repository on the Hugging Face hub.
+pub const MODEL_REPO: &str = "mistralai/Voxtral-4B-TTS-2603";
 const ATTEMPTS: usize = 5;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -301,4 +304,24 @@ pub fn pull(hub: &Hub, repo: &str, revision: &str, dir: &Path) -> Result<PathBuf
     bar.finish_with_message(format!("{repo} ready"));
     let _ = std::fs::remove_dir_all(dir.join(".partial"));
     Ok(dir.to_path_buf())
+}
+
+/// A clear error when no checkpoint is at `dir`. A directory nobody named (the default cache
+/// location) is filled from the hub on first use.
+pub fn ensure_model(dir: &Path, explicit: bool) -> Result<()> {
+    let params = dir.join(crate::model::checkpoint::PARAMS_FILE);
+    if !params.exists() && !explicit {
+        eprintln!(
+            "voxtrald: downloading {MODEL_REPO} (8 GB) to {} on first use",
+            dir.display()
+        );
+        pull(&Hub::from_env(), MODEL_REPO, "main", dir)?;
+    }
+    if !params.exists() {
+        return Err(Error::NoModel {
+            dir: dir.into(),
+            repo: MODEL_REPO,
+        });
+    }
+    Ok(())
 }

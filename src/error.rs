@@ -68,6 +68,10 @@ pub enum Error {
     InvalidInput(String),
     #[error("download failed: {0}")]
     Download(String),
+    #[error("{0}")]
+    Device(String),
+    #[error("no model at {}: run `voxtrald pull --model {}` (downloads {repo}), or pass --model DIR", dir.display(), dir.display())]
+    NoModel { dir: PathBuf, repo: &'static str },
     #[error("audio output: {0}")]
     Audio(String),
     #[error("cancelled")]

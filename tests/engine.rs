@@ -6,11 +6,11 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use common::*;
-use voxtrald::engine::text::{char_slice, split_sentences};
 use voxtrald::engine::{
     wait_until, Destination, Engine, EngineConfig, Event, Job, Priority, SpeechRequest,
 };
 use voxtrald::model::noise::SeededNoise;
+use voxtrald::text::sentences::{char_slice, split_sentences};
 use voxtrald::{Error, GenerateOptions, LoadOptions, Voxtral};
 
 const LONG: Duration = Duration::from_secs(60);
@@ -604,7 +604,7 @@ fn a_consumer_at_playback_pace_gets_all_the_audio_and_the_end() {
 
 #[test]
 fn the_lexicon_changes_what_is_said_not_the_offsets() {
-    let lexicon = voxtrald::engine::lexicon::Lexicon::new([("Zork", "Hello world")])
+    let lexicon = voxtrald::text::lexicon::Lexicon::new([("Zork", "Hello world")])
         .unwrap()
         .map(Arc::new);
     let e = Engine::new(

@@ -150,7 +150,7 @@ fn speech_api_streams_wav_and_pcm_and_refuses_bad_requests() {
     assert_eq!(fast.status, 200);
     assert_eq!(fast.body.len(), want / 2);
 
-    let bad: [(&str, u16, &str); 6] = [
+    let bad: [(&str, u16, &str); 7] = [
         (r#"{"voice": "alloy"}"#, 400, "input"),
         (
             r#"{"input": "hi", "voice": "nobody"}"#,
@@ -163,7 +163,8 @@ fn speech_api_streams_wav_and_pcm_and_refuses_bad_requests() {
             "\"wav\"",
         ),
         (r#"{"input": "   "}"#, 400, "empty"),
-        (r#"{"input": "hi", "speed": 9}"#, 400, "rate"),
+        (r#"{"input": "hi", "speed": 9}"#, 400, "'speed'"),
+        (r#"{"input": "hi", "speed": 0.2}"#, 400, "minimum of 0.25"),
         ("{not json", 400, "bad request body"),
     ];
     for (body, status, says) in bad {

@@ -1,5 +1,8 @@
-//! Audio outputs: WAV files, raw PCM, and the sound card.
+//! Audio after the model: sample formats and gain (`pcm`), WAV files and streamed WAV
+//! headers (`wav`), speaking rate and pitch (`prosody`, `stretch`, `resample`), and the sound
+//! card (`playback`).
 
+pub mod pcm;
 pub mod playback;
 pub mod prosody;
 pub mod resample;

@@ -5,6 +5,7 @@
 
 use super::resample::StreamResampler;
 use super::stretch::Stretcher;
+pub use super::stretch::{MAX_RATE, MIN_RATE};
 use crate::error::Result;
 
 pub const MIN_PITCH: f32 = 0.5;
@@ -22,9 +23,9 @@ pub struct Prosody {
 
 impl Prosody {
     /// `rate` > 1 speaks faster, `pitch` > 1 speaks higher (a frequency ratio); each is clamped
-    /// to its range, [`super::stretch::MIN_RATE`].. and [`MIN_PITCH`]..=[`MAX_PITCH`].
+    /// to its range, [`MIN_RATE`]..=[`MAX_RATE`] and [`MIN_PITCH`]..=[`MAX_PITCH`].
     pub fn new(sample_rate: u32, rate: f32, pitch: f32) -> Result<Self> {
-        let rate = rate.clamp(super::stretch::MIN_RATE, super::stretch::MAX_RATE);
+        let rate = rate.clamp(MIN_RATE, MAX_RATE);
         let pitch = (pitch.clamp(MIN_PITCH, MAX_PITCH) * PITCH_STEPS).round() / PITCH_STEPS;
         if pitch == 1.0 {
             return Ok(Self {

@@ -9,7 +9,8 @@ const FRAME: usize = 2 * HOP;
 /// How far a frame may move to match its predecessor.
 const SEEK: usize = 120;
 
-pub const MIN_RATE: f32 = 0.5;
+/// Speaking rates (1.0 = as generated): a quarter of the speed to four times it.
+pub const MIN_RATE: f32 = 0.25;
 pub const MAX_RATE: f32 = 4.0;
 
 pub struct Stretcher {
@@ -34,9 +35,9 @@ impl Stretcher {
         Self::with_factor(rate.clamp(MIN_RATE, MAX_RATE))
     }
 
-    /// Any factor WSOLA handles (0.25 to 8), for rates combined with a pitch change.
+    /// Any factor WSOLA handles (0.125 to 8), for rates combined with a pitch change.
     pub fn with_factor(factor: f32) -> Self {
-        let rate = factor.clamp(MIN_RATE / 2.0, MAX_RATE * 2.0) as f64;
+        let rate = factor.clamp(0.125, 8.0) as f64;
         // Periodic Hann: overlapping halves sum to exactly 1.
         let window = (0..FRAME)
             .map(|i| {
@@ -171,7 +172,7 @@ mod tests {
     #[test]
     fn faster_and_slower_keep_pitch_and_continuity() {
         let x = sine(48_000, 200.0); // 2 s
-        for rate in [0.5f32, 0.8, 1.5, 2.0, 3.0] {
+        for rate in [0.25f32, 0.5, 0.8, 1.5, 2.0, 3.0, 4.0] {
             let y = stretch(&x, rate, 1920 * 5 + 3);
             let want = (x.len() as f32 / rate).round() as usize;
             assert_eq!(y.len(), want, "rate {rate}");

@@ -5,6 +5,7 @@ use std::fs::File;
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 
+use super::pcm::to_i16;
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -16,10 +17,23 @@ pub enum WavFormat {
     Float32,
 }
 
-/// Float sample to 16-bit PCM, clipped to [-1, 1].
-pub fn to_i16(s: f32) -> i16 {
-    let s = if s.is_nan() { 0.0 } else { s.clamp(-1.0, 1.0) };
-    (s * i16::MAX as f32).round() as i16
+/// The 44-byte header of a 16-bit mono WAV stream of unknown length: the RIFF and data sizes
+/// are 0xFFFFFFFF ("as long as it goes"), which players and decoders read as a stream.
+pub fn streaming_header(sample_rate: u32) -> Vec<u8> {
+    let mut h = Vec::with_capacity(44);
+    h.extend_from_slice(b"RIFF");
+    h.extend_from_slice(&u32::MAX.to_le_bytes());
+    h.extend_from_slice(b"WAVEfmt ");
+    h.extend_from_slice(&16u32.to_le_bytes());
+    h.extend_from_slice(&1u16.to_le_bytes()); // PCM
+    h.extend_from_slice(&1u16.to_le_bytes()); // mono
+    h.extend_from_slice(&sample_rate.to_le_bytes());
+    h.extend_from_slice(&(sample_rate * 2).to_le_bytes());
+    h.extend_from_slice(&2u16.to_le_bytes());
+    h.extend_from_slice(&16u16.to_le_bytes());
+    h.extend_from_slice(b"data");
+    h.extend_from_slice(&u32::MAX.to_le_bytes());
+    h
 }
 
 /// A mono WAV being written.
@@ -31,7 +45,7 @@ pub struct WavSink {
 }
 
 impl WavSink {
-    pub fn create(path: &Path, rate: u32, format: WavFormat) -> Result<Self> {
+    pub fn create(path: &Path, sample_rate: u32, format: WavFormat) -> Result<Self> {
         let dir = match path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p,
             _ => Path::new("."),
@@ -44,7 +58,7 @@ impl WavSink {
         let (file, tmp) = tmp.into_parts();
         let spec = hound::WavSpec {
             channels: 1,
-            sample_rate: rate,
+            sample_rate,
             bits_per_sample: if format == WavFormat::Pcm16 { 16 } else { 32 },
             sample_format: if format == WavFormat::Pcm16 {
                 hound::SampleFormat::Int

@@ -208,19 +208,6 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-/// Peak resident set size of this process (`VmHWM`), in bytes.
-pub fn peak_rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
-}
-
 struct Run {
     load_s: f64,
     prefill_s: f64,
@@ -311,7 +298,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         flow_ms_per_frame: m(|r| r.flow_ms),
         codec_ms_per_frame: m(|r| r.codec_ms),
         rtf: m(|r| r.rtf),
-        peak_rss_bytes: peak_rss_bytes(),
+        peak_rss_bytes: crate::service::peak_rss_bytes(),
     };
     if a.json {
         println!("{}", serde_json::to_string(&report)?);

@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use super::ModelArgs;
 use crate::atomic::write_atomic_path;
+use crate::model::device::{DeviceChoice, DtypeChoice};
 use crate::model::flow::FlowTrace;
 use crate::model::noise::{InjectedNoise, SeededNoise};
 use crate::model::random::{write_random_checkpoint, Preset};
@@ -159,8 +160,8 @@ fn flat(t: &Tensor) -> anyhow::Result<Vec<f32>> {
 
 fn compare(a: CompareArgs) -> anyhow::Result<()> {
     let mut reference_args = a.model.clone();
-    reference_args.device = "cpu".into();
-    reference_args.dtype = super::ComputeDtype::F32;
+    reference_args.device = DeviceChoice::Cpu;
+    reference_args.dtype = DtypeChoice::F32;
     reference_args.quant = Default::default();
     let reference = reference_args.load()?;
     let candidate = a.model.load()?;
@@ -314,11 +315,11 @@ pub fn streaming_decode(model: &Voxtral, frames: &[Vec<u32>]) -> crate::Result<V
 
 /// The reference contract: `auto` resolves to the CPU in f32.
 fn exact(mut m: ModelArgs) -> ModelArgs {
-    if m.device == "auto" {
-        m.device = "cpu".into();
+    if m.device == DeviceChoice::Auto {
+        m.device = DeviceChoice::Cpu;
     }
-    if m.dtype == super::ComputeDtype::Auto {
-        m.dtype = super::ComputeDtype::F32;
+    if m.dtype == DtypeChoice::Auto {
+        m.dtype = DtypeChoice::F32;
     }
     m
 }

@@ -8,10 +8,14 @@ use anyhow::{bail, Context};
 use clap::Args;
 
 use super::ModelArgs;
+use crate::audio::pcm::{from_s16le, s16le};
 use crate::audio::playback::Player;
-use crate::audio::wav::{to_i16, WavFormat, WavSink};
-use crate::engine::{Destination, Engine, EngineConfig, Event, Priority, SpeechRequest};
+use crate::audio::wav::{WavFormat, WavSink};
+use crate::client::socket::Client;
+use crate::engine::{Destination, Engine, Event, Interface, Priority, SpeechRequest};
+use crate::frontends::protocol::{Message, Output};
 use crate::model::{DEFAULT_CFG_ALPHA, DEFAULT_MAX_FRAMES};
+use crate::settings::Settings;
 
 /// Largest text accepted in one request.
 pub const MAX_TEXT_BYTES: usize = 1 << 20;
@@ -20,9 +24,9 @@ pub const MAX_TEXT_BYTES: usize = 1 << 20;
 pub struct SayArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Preset voice (see `voxtrald voices`).
-    #[arg(long, default_value = "casual_male")]
-    voice: String,
+    /// Voice (see `voxtrald voices`; default: the configured voice, else casual_male).
+    #[arg(long)]
+    voice: Option<String>,
     /// Write a WAV file (24 kHz mono) instead of playing; `-` writes raw s16le to stdout.
     #[arg(long, short)]
     out: Option<PathBuf>,
@@ -35,12 +39,13 @@ pub struct SayArgs {
     /// Stop each sentence after this many 80 ms frames.
     #[arg(long, default_value_t = DEFAULT_MAX_FRAMES)]
     max_frames: usize,
-    /// Speaking rate, 0.5 to 4.0, pitch kept (default 1.0, or the daemon's configured rate).
+    /// Speaking rate, 0.25 to 4.0, pitch kept (default: the configured rate, else 1.0).
     #[arg(long)]
     rate: Option<f32>,
-    /// Pitch as a frequency ratio, 0.5 to 2.0, duration kept (1.5 is a fifth higher).
-    #[arg(long, default_value_t = 1.0)]
-    pitch: f32,
+    /// Pitch as a frequency ratio, 0.5 to 2.0, duration kept (1.5 is a fifth higher; default:
+    /// the configured pitch, else 1.0).
+    #[arg(long)]
+    pitch: Option<f32>,
     /// Classifier-free guidance strength.
     #[arg(long, default_value_t = DEFAULT_CFG_ALPHA)]
     cfg_alpha: f32,
@@ -86,13 +91,10 @@ impl Sink {
     fn write(&mut self, samples: &[f32]) -> anyhow::Result<()> {
         match self {
             Sink::Wav(w) => w.write(samples)?,
-            Sink::Raw(out) => {
-                let bytes: Vec<u8> = samples
-                    .iter()
-                    .flat_map(|&s| to_i16(s).to_le_bytes())
-                    .collect();
-                out.lock().write_all(&bytes).context("writing to stdout")?;
-            }
+            Sink::Raw(out) => out
+                .lock()
+                .write_all(&s16le(samples))
+                .context("writing to stdout")?,
             Sink::Play(p) => p.write(samples)?,
         }
         Ok(())
@@ -109,17 +111,28 @@ impl Sink {
 }
 
 /// Speaks through the running daemon: it plays, or streams the audio back for `--out`.
-fn run_via_daemon(
-    mut c: crate::daemon::client::Client,
-    a: &SayArgs,
-    text: String,
-) -> anyhow::Result<()> {
+fn run_via_daemon(mut c: Client, a: &SayArgs, text: String) -> anyhow::Result<()> {
     use base64::Engine as _;
-    let output = if a.out.is_some() { "stream" } else { "play" };
-    c.send(&serde_json::json!({
-        "op": "speak", "text": text, "voice": a.voice, "output": output, "seed": a.seed,
-        "rate": a.rate, "pitch": a.pitch,
-    }))?;
+    let output = if a.out.is_some() {
+        Output::Stream
+    } else {
+        Output::Play
+    };
+    let mut req = Message::speak(text, output);
+    if let Message::Speak {
+        voice,
+        seed,
+        rate,
+        pitch,
+        ..
+    } = &mut req
+    {
+        *voice = a.voice.clone();
+        *seed = Some(a.seed);
+        *rate = a.rate;
+        *pitch = a.pitch;
+    }
+    c.send(&req)?;
     let mut sink = None;
     loop {
         let Some(ev) = c.recv()? else {
@@ -127,9 +140,10 @@ fn run_via_daemon(
         };
         match ev["event"].as_str().unwrap_or("") {
             "accepted" => {
+                let sample_rate = ev["sample_rate"].as_u64().unwrap_or(0) as u32;
                 sink = match &a.out {
                     Some(p) if p.as_os_str() == "-" => Some(Sink::Raw(std::io::stdout())),
-                    Some(p) => Some(Sink::Wav(WavSink::create(p, 24000, a.format)?)),
+                    Some(p) => Some(Sink::Wav(WavSink::create(p, sample_rate, a.format)?)),
                     None => None,
                 };
             }
@@ -137,12 +151,8 @@ fn run_via_daemon(
                 let pcm = base64::engine::general_purpose::STANDARD
                     .decode(ev["pcm"].as_str().unwrap_or(""))
                     .context("bad audio from the daemon")?;
-                let samples: Vec<f32> = pcm
-                    .chunks_exact(2)
-                    .map(|b| i16::from_le_bytes([b[0], b[1]]) as f32 / i16::MAX as f32)
-                    .collect();
                 if let Some(s) = sink.as_mut() {
-                    s.write(&samples)?;
+                    s.write(&from_s16le(&pcm))?;
                 }
             }
             "finished" => {
@@ -170,13 +180,14 @@ fn run_via_daemon(
 pub fn run(a: SayArgs) -> anyhow::Result<()> {
     let text = read_text(a.text.clone())?;
     if a.model.model.is_none() {
-        if let Some(c) = super::serve::daemon_client() {
+        if let Some(c) = Client::of_this_user() {
             return run_via_daemon(c, &a, text);
         }
     }
-    let model_dir = a.model.dir();
+    let model_settings = a.model.settings();
+    let model_dir = model_settings.dir.clone();
     // Check the model is there before opening any output.
-    a.model.check_present()?;
+    crate::download::ensure_model(&model_dir, model_settings.explicit)?;
     let rate = crate::model::config::ModelConfig::from_file(
         &model_dir.join(crate::model::checkpoint::PARAMS_FILE),
     )?
@@ -188,34 +199,23 @@ pub fn run(a: SayArgs) -> anyhow::Result<()> {
         // Open the sound card first: no device is a quick, clear error.
         None => Sink::Play(Box::new(Player::open_default(rate)?)),
     };
-    let model = Arc::new(a.model.load()?);
-    // The daemon's pronunciations apply here too.
-    let lexicon = match super::serve::load_config(None).map(|c| c.lexicon()) {
-        Ok(Ok(lexicon)) => lexicon.map(Arc::new),
-        Ok(Err(e)) => return Err(e.into()),
-        Err(e) => {
-            tracing::warn!(error = %format!("{e:#}"), "config not read; no lexicon");
-            None
-        }
-    };
-    let engine = Engine::new(
-        model,
-        EngineConfig {
-            lexicon,
-            ..Default::default()
-        },
-    );
+    let model = Arc::new(model_settings.load()?);
+    // The daemon's defaults and pronunciations apply here too.
+    let settings = Settings::of_this_user()?;
+    let engine = Engine::new(model, settings.engine_config());
     let mut job = engine.submit(SpeechRequest {
         text,
-        voice: a.voice,
+        voice: a.voice.clone().unwrap_or(settings.voice),
         priority: Priority::Text,
         seed: a.seed,
         cfg_alpha: a.cfg_alpha,
         max_frames: a.max_frames,
-        rate: a.rate.unwrap_or(1.0),
-        pitch: a.pitch,
+        rate: a.rate.unwrap_or(settings.rate),
+        pitch: a.pitch.unwrap_or(settings.pitch),
+        volume: 1.0,
         // This command takes the audio itself.
         destination: Destination::Client,
+        interface: Interface::Local,
     })?;
     while let Some(ev) = job.recv() {
         match ev {

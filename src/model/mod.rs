@@ -4,6 +4,7 @@ pub mod backbone;
 pub mod checkpoint;
 pub mod codec;
 pub mod config;
+pub mod device;
 pub mod flow;
 pub mod memory;
 pub mod nn;
@@ -11,6 +12,7 @@ pub mod noise;
 pub mod prompt;
 pub mod random;
 pub mod stream;
+pub mod tokenizer;
 pub mod voice;
 
 use std::collections::BTreeMap;
@@ -21,7 +23,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
-use crate::tokenizer::Tekken;
+use crate::model::tokenizer::Tekken;
 use backbone::{Backbone, BackboneCache};
 use checkpoint::{Weights, PARAMS_FILE, TOKENIZER_FILE, VOICE_DIR, WEIGHTS_FILE};
 use codec::CodecDecoder;

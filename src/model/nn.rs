@@ -6,7 +6,8 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{linear_no_bias, Linear, VarBuilder};
 
 /// Weight storage for the big projections.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Quant {
     /// Weights in the compute dtype.
     #[default]
@@ -17,6 +18,7 @@ pub enum Quant {
     /// Dense with one kernel for every row count (the codec: chunked decodes stay
     /// bit-identical to full ones).
     #[value(skip)]
+    #[serde(skip)]
     Plain,
 }
 

@@ -2,7 +2,7 @@
 //! `<s> [BEGIN_AUDIO] [AUDIO]*rows [NEXT_AUDIO_TEXT] text [REPEAT_AUDIO_TEXT] [BEGIN_AUDIO]`.
 
 use crate::error::Result;
-use crate::tokenizer::Tekken;
+use crate::model::tokenizer::Tekken;
 
 /// Control-token ids the prompt uses, resolved by name from `tekken.json`.
 #[derive(Debug, Clone, Copy)]

@@ -4,37 +4,24 @@
 //! streamed as it is generated (chunked), as WAV (the default here: there is no MP3 encoder) or
 //! bare 16-bit PCM.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
-use super::protocol::pcm_s16le;
-use super::Daemon;
-use crate::engine::{Destination, Event, SpeechRequest};
+use crate::audio::pcm::s16le;
+use crate::audio::wav::streaming_header;
+use crate::engine::{Destination, Event, Interface};
+use crate::service::{scales, Request as SpeechRequest, Speaking, Speech};
 
 /// Largest request head (request line and headers).
 const MAX_HEAD: usize = 16 * 1024;
 
-/// The configured address, checked: loopback only, so the speech stays on this machine.
-pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
-    let addr: SocketAddr = s
-        .parse()
-        .map_err(|_| format!("{s:?} is not an address such as \"127.0.0.1:8880\""))?;
-    if !addr.ip().is_loopback() {
-        return Err(format!(
-            "{s} is not a loopback address; only 127.0.0.1 or [::1] are served"
-        ));
-    }
-    Ok(addr)
-}
-
 pub async fn serve(
-    daemon: Arc<Daemon>,
+    speech: Arc<Speech>,
     listener: TcpListener,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -42,7 +29,7 @@ pub async fn serve(
         tokio::select! {
             r = listener.accept() => match r {
                 Ok((stream, _)) => {
-                    let d = daemon.clone();
+                    let d = speech.clone();
                     tokio::spawn(async move { connection(d, stream).await });
                 }
                 Err(e) => tracing::warn!(error = %e, "http accept failed"),
@@ -73,8 +60,9 @@ fn error(status: u16, message: impl Into<String>) -> Reply {
     )
 }
 
-async fn connection(daemon: Arc<Daemon>, mut stream: TcpStream) {
-    let req = match read_request(&mut stream, daemon.limits.max_request_bytes).await {
+async fn connection(speech: Arc<Speech>, mut stream: TcpStream) {
+    let limit = speech.settings().limits.max_request_bytes;
+    let req = match read_request(&mut stream, limit).await {
         Ok(r) => r,
         Err(reply) => {
             let _ = write_json(&mut stream, reply).await;
@@ -82,18 +70,22 @@ async fn connection(daemon: Arc<Daemon>, mut stream: TcpStream) {
         }
     };
     let reply = match (req.method.as_str(), req.path.as_str()) {
-        ("POST", "/v1/audio/speech") => match speech_request(&daemon, &req.body) {
-            Ok((r, format)) => return speak(daemon, stream, r, format).await,
+        ("POST", "/v1/audio/speech") => match speech_request(&speech, &req.body) {
+            Ok((r, format)) => return speak(speech, stream, r, format).await,
             Err(reply) => reply,
         },
         ("GET", "/v1/audio/voices") => {
-            let voices: Vec<Value> = daemon
+            let voices: Vec<Value> = speech
                 .voices()
                 .into_iter()
-                .map(|(id, lang)| json!({"id": id, "name": id, "language": lang}))
+                .map(|v| {
+                    json!({"id": v.id, "name": v.id, "language": v.language,
+                           "gender": v.gender, "description": v.display_name})
+                })
                 .collect();
             Reply(200, json!({"voices": voices}))
         }
+        ("GET", "/v1/status") => Reply(200, json!(speech.status())),
         ("GET", "/v1/models" | "/v1/audio/models") => {
             let m = json!({"id": "voxtral-4b-tts", "object": "model", "owned_by": "mistralai"});
             Reply(
@@ -101,7 +93,11 @@ async fn connection(daemon: Arc<Daemon>, mut stream: TcpStream) {
                 json!({"object": "list", "data": [m.clone()], "models": [m]}),
             )
         }
-        (_, "/v1/audio/speech" | "/v1/audio/voices" | "/v1/models" | "/v1/audio/models") => error(
+        (
+            _,
+            "/v1/audio/speech" | "/v1/audio/voices" | "/v1/models" | "/v1/audio/models"
+            | "/v1/status",
+        ) => error(
             405,
             format!("{} is not allowed on {}", req.method, req.path),
         ),
@@ -197,16 +193,17 @@ enum Format {
     Pcm,
 }
 
-/// OpenAI's voice names, mapped onto this model's English voices.
+/// OpenAI's voice names (every built-in one its SDK lists), mapped onto this model's English
+/// voices.
 fn openai_voice(name: &str) -> Option<&'static str> {
     match name {
-        "alloy" | "nova" | "shimmer" | "coral" | "sage" => Some("casual_female"),
-        "echo" | "fable" | "onyx" | "ash" | "ballad" | "verse" => Some("casual_male"),
+        "alloy" | "nova" | "shimmer" | "coral" | "sage" | "marin" => Some("casual_female"),
+        "echo" | "fable" | "onyx" | "ash" | "ballad" | "verse" | "cedar" => Some("casual_male"),
         _ => None,
     }
 }
 
-fn speech_request(daemon: &Daemon, body: &[u8]) -> Result<(SpeechRequest, Format), Reply> {
+fn speech_request(speech: &Speech, body: &[u8]) -> Result<(SpeechRequest, Format), Reply> {
     let b: SpeechBody =
         serde_json::from_slice(body).map_err(|e| error(400, format!("bad request body: {e}")))?;
     let format = match b.response_format.as_deref().unwrap_or("wav") {
@@ -225,21 +222,21 @@ fn speech_request(daemon: &Daemon, body: &[u8]) -> Result<(SpeechRequest, Format
             format!("stream_format {sf:?} is not available; use \"audio\""),
         ));
     }
-    let voice = match &b.voice {
-        None => daemon.info.default_voice.clone(),
+    let mut r = SpeechRequest::new(b.input, Interface::Http, Destination::Client);
+    r.voice = match &b.voice {
+        None => None,
         Some(VoiceField::Name(n) | VoiceField::Object { id: n }) => {
-            let known = daemon.voices().iter().any(|(id, _)| id == n);
+            let known = speech.voices().iter().any(|v| &v.id == n);
             match (known, openai_voice(n)) {
-                (true, _) => n.clone(),
-                (false, Some(v)) => v.to_string(),
+                (true, _) => Some(n.clone()),
+                (false, Some(v)) => Some(v.to_string()),
                 (false, None) => return Err(error(400, format!("unknown voice {n:?}"))),
             }
         }
     };
-    let mut r = SpeechRequest::new(b.input, voice);
-    r.destination = Destination::Client;
-    r.max_frames = daemon.limits.max_frames;
-    r.rate = b.speed.unwrap_or(1.0) * daemon.info.default_rate;
+    if let Some(speed) = b.speed {
+        r.rate = scales::openai_speed(speed).map_err(|e| error(400, e))?;
+    }
     Ok((r, format))
 }
 
@@ -269,24 +266,6 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-/// A WAV header for a stream of unknown length: the sizes say "as long as it goes".
-fn streaming_wav_header(rate: u32) -> Vec<u8> {
-    let mut h = Vec::with_capacity(44);
-    h.extend_from_slice(b"RIFF");
-    h.extend_from_slice(&u32::MAX.to_le_bytes());
-    h.extend_from_slice(b"WAVEfmt ");
-    h.extend_from_slice(&16u32.to_le_bytes());
-    h.extend_from_slice(&1u16.to_le_bytes()); // PCM
-    h.extend_from_slice(&1u16.to_le_bytes()); // mono
-    h.extend_from_slice(&rate.to_le_bytes());
-    h.extend_from_slice(&(rate * 2).to_le_bytes());
-    h.extend_from_slice(&2u16.to_le_bytes());
-    h.extend_from_slice(&16u16.to_le_bytes());
-    h.extend_from_slice(b"data");
-    h.extend_from_slice(&(u32::MAX - 36).to_le_bytes());
-    h
-}
-
 async fn chunk(stream: &mut TcpStream, data: &[u8]) -> std::io::Result<()> {
     if data.is_empty() {
         return Ok(());
@@ -300,30 +279,19 @@ async fn chunk(stream: &mut TcpStream, data: &[u8]) -> std::io::Result<()> {
 
 /// Submits the job and streams its audio. Bad input is a JSON error before any audio; a job
 /// that fails later cuts the stream short (no final chunk), which clients see as an error; a
-/// client that goes away cancels the job.
-async fn speak(daemon: Arc<Daemon>, mut stream: TcpStream, req: SpeechRequest, format: Format) {
-    let d = daemon.clone();
-    let job = match tokio::task::spawn_blocking(move || d.engine.submit(req)).await {
-        Ok(Ok(job)) => job,
-        Ok(Err(e)) => {
-            let _ = write_json(&mut stream, error(400, e.to_string())).await;
+/// client that goes away drops, so cancels, the job.
+async fn speak(speech: Arc<Speech>, mut stream: TcpStream, req: SpeechRequest, format: Format) {
+    let job = match speech.speak_async(req).await {
+        Ok(job) => job,
+        Err(crate::Error::Internal(e)) => {
+            let _ = write_json(&mut stream, error(500, e)).await;
             return;
         }
         Err(e) => {
-            let _ = write_json(&mut stream, error(500, e.to_string())).await;
+            let _ = write_json(&mut stream, error(400, e.to_string())).await;
             return;
         }
     };
-    let id = job.id;
-    let (tx, mut rx) = mpsc::channel::<Event>(8);
-    std::thread::spawn(move || {
-        let mut job = job;
-        while let Some(ev) = job.recv() {
-            if tx.blocking_send(ev).is_err() {
-                break;
-            }
-        }
-    });
     let content_type = match format {
         Format::Wav => "audio/wav",
         Format::Pcm => "audio/pcm",
@@ -331,38 +299,30 @@ async fn speak(daemon: Arc<Daemon>, mut stream: TcpStream, req: SpeechRequest, f
     let head = format!(
         "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nTransfer-Encoding: chunked\r\n\
          X-Sample-Rate: {}\r\nConnection: close\r\n\r\n",
-        daemon.sample_rate()
+        speech.sample_rate()
     );
     let mut sent = stream.write_all(head.as_bytes()).await;
     if sent.is_ok() && format == Format::Wav {
-        sent = chunk(&mut stream, &streaming_wav_header(daemon.sample_rate())).await;
+        sent = chunk(&mut stream, &streaming_header(speech.sample_rate())).await;
     }
-    let mut complete = false;
-    while sent.is_ok() {
-        match rx.recv().await {
-            Some(Event::Audio { samples, .. }) => {
-                sent = chunk(&mut stream, &pcm_s16le(&samples)).await;
-            }
-            Some(Event::Finished { .. }) => {
-                complete = true;
-                break;
-            }
-            Some(Event::Failed { reason } | Event::Cancelled { reason }) => {
-                tracing::warn!(job = id, %reason, "http speech ended early");
-                break;
-            }
-            Some(_) => {}
-            None => break,
-        }
-    }
-    if sent.is_err() {
-        // The client went away.
-        let d = daemon.clone();
-        let _ = tokio::task::spawn_blocking(move || d.engine.cancel(id)).await;
-        return;
-    }
-    if complete {
+    if sent.is_ok() && stream_body(job, &mut stream).await.unwrap_or(false) {
         let _ = stream.write_all(b"0\r\n\r\n").await;
     }
     let _ = stream.shutdown().await;
+}
+
+/// The job's audio as chunks; true if it finished.
+async fn stream_body(mut job: Speaking, stream: &mut TcpStream) -> std::io::Result<bool> {
+    while let Some(ev) = job.next().await {
+        match ev {
+            Event::Audio { samples, .. } => chunk(stream, &s16le(&samples)).await?,
+            Event::Finished { .. } => return Ok(true),
+            Event::Failed { reason } | Event::Cancelled { reason } => {
+                tracing::warn!(job = job.id, %reason, "http speech ended early");
+                return Ok(false);
+            }
+            _ => {}
+        }
+    }
+    Ok(false)
 }

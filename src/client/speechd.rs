@@ -13,10 +13,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use base64::Engine as _;
-use serde_json::{json, Value};
 
-use crate::daemon::client::Client;
-use crate::engine::ssml::{self, Mark};
+use super::socket::Client;
+use crate::frontends::protocol::{Message, Output};
+use crate::service::scales;
+use crate::service::voices::{Gender, Voice};
+use crate::text::ssml::{self, Mark};
 
 /// How long `INIT` waits for a daemon that is still starting (e.g. by systemd).
 const CONNECT_WAIT: Duration = Duration::from_secs(5);
@@ -89,59 +91,49 @@ impl Settings {
             .clamp(-100.0, 100.0)
     }
 
-    /// `rate` −100…100 as a multiplier: 0.5 to 1 below zero, 1 to 4 above.
+    /// `rate` −100…100, relative to the daemon's configured rate.
     fn rate(&self) -> f32 {
-        let r = self.number("rate") / 100.0;
-        if r < 0.0 {
-            2f32.powf(r)
-        } else {
-            4f32.powf(r)
-        }
+        scales::ssip_rate(self.number("rate"))
     }
 
-    /// `pitch` −100…100 as a frequency ratio, an octave each way.
+    /// `pitch` −100…100, relative to the daemon's configured pitch.
     fn pitch(&self) -> f32 {
-        2f32.powf(self.number("pitch") / 100.0)
+        scales::ssip_pitch(self.number("pitch"))
     }
 
-    /// `volume` −100…100 as a gain: 100 (speech-dispatcher's default) is full scale, −100
-    /// silence. Applied here, since the server plays what the module hands it.
+    /// `volume` −100…100 as a gain; applied by the daemon to the audio it hands over.
     fn gain(&self) -> f32 {
         match self.get("volume") {
             None => 1.0,
-            Some(_) => (self.number("volume") + 100.0) / 200.0,
+            Some(_) => scales::ssip_volume(self.number("volume")),
         }
     }
 
     /// The daemon voice for these settings: the synthesis voice if it is one of ours, else a
     /// voice of the language (and of the symbolic voice's gender where there is a choice),
     /// else none (the daemon's default).
-    fn voice(&self, voices: &[(String, String)]) -> Option<String> {
+    fn voice(&self, voices: &[Voice]) -> Option<String> {
         if let Some(v) = self.get("synthesis_voice") {
-            if voices.iter().any(|(name, _)| name == v) {
+            if voices.iter().any(|voice| voice.id == v) {
                 return Some(v.to_string());
             }
         }
         let lang = self.get("language")?.to_lowercase();
         let primary = lang.split(['-', '_']).next().unwrap_or("");
-        let of_lang: Vec<&str> = voices
-            .iter()
-            .filter(|(_, l)| l == primary)
-            .map(|(n, _)| n.as_str())
-            .collect();
+        let of_lang: Vec<&Voice> = voices.iter().filter(|v| v.language == primary).collect();
         let symbolic = self.get("voice").unwrap_or("").to_lowercase();
         let gender = if symbolic.contains("female") {
-            "female"
+            Some(Gender::Female)
         } else if symbolic.contains("male") {
-            "male"
+            Some(Gender::Male)
         } else {
-            ""
+            None
         };
         of_lang
             .iter()
-            .find(|n| !gender.is_empty() && n.rsplit('_').next() == Some(gender))
+            .find(|v| gender.is_some() && v.gender == gender)
             .or(of_lang.first())
-            .map(|n| n.to_string())
+            .map(|v| v.id.clone())
     }
 }
 
@@ -150,7 +142,7 @@ struct Module {
     socket: Result<PathBuf, String>,
     out: Arc<Mutex<Out>>,
     control: Option<Client>,
-    voices: Vec<(String, String)>,
+    voices: Vec<Voice>,
     settings: Settings,
     server_audio: bool,
 }
@@ -251,8 +243,8 @@ fn serve(
                 if m.voices.is_empty() {
                     o.line("304 CANT LIST VOICES")?;
                 } else {
-                    for (name, lang) in &m.voices {
-                        o.line(&format!("200-{name}\t{lang}\tnone"))?;
+                    for v in &m.voices {
+                        o.line(&format!("200-{}\t{}\tnone", v.id, v.language))?;
                     }
                     o.line("200 OK VOICE LIST SENT")?;
                 }
@@ -315,17 +307,9 @@ impl Module {
             }
             std::thread::sleep(Duration::from_millis(100));
         };
-        let v = c.call(json!({"op": "voices"}))?;
-        self.voices = v["voices"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|v| {
-                        Some((v["id"].as_str()?.into(), v["language"].as_str()?.into()))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let v = c.call(Message::Voices)?;
+        self.voices = serde_json::from_value(v["voices"].clone())
+            .context("the daemon sent a voice list this module cannot read")?;
         let n = self.voices.len();
         self.control = Some(c);
         lock(&self.out).line(&format!(
@@ -355,7 +339,7 @@ impl Module {
     }
 
     fn cancel(&mut self, job: u64) {
-        let req = json!({"op": "cancel", "job": job});
+        let req = Message::Cancel { job };
         let done = self
             .control
             .as_mut()
@@ -396,21 +380,30 @@ impl Module {
             o.open = false;
             return Ok(());
         }
-        let mut req = json!({
-            "op": "speak", "text": text, "priority": "text",
-            "output": if self.server_audio { "stream" } else { "play" },
-            "rate": self.settings.rate(), "pitch": self.settings.pitch(),
-        });
-        if let Some(v) = self.settings.voice(&self.voices) {
-            req["voice"] = v.into();
+        let output = if self.server_audio {
+            Output::Stream
+        } else {
+            Output::Play
+        };
+        let mut req = Message::speak(text, output);
+        if let Message::Speak {
+            voice,
+            relative_rate,
+            relative_pitch,
+            volume,
+            ..
+        } = &mut req
+        {
+            *voice = self.settings.voice(&self.voices);
+            *relative_rate = Some(self.settings.rate());
+            *relative_pitch = Some(self.settings.pitch());
+            *volume = Some(self.settings.gain());
         }
         let utterance = Utterance {
             n,
-            gain: self.settings.gain(),
             out: self.out.clone(),
             marks,
-            // The model's rate; the daemon's `accepted` line confirms it.
-            rate: 24000,
+            sample_rate: None,
             begun: false,
         };
         let socket = self.socket()?.to_path_buf();
@@ -422,16 +415,16 @@ impl Module {
 /// One message being spoken, on its own connection to the daemon.
 struct Utterance {
     n: u64,
-    gain: f32,
     out: Arc<Mutex<Out>>,
     /// Marks not yet reported, in text order.
     marks: Vec<Mark>,
-    rate: u32,
+    /// From the daemon's `accepted` line.
+    sample_rate: Option<u32>,
     begun: bool,
 }
 
 impl Utterance {
-    fn run(mut self, socket: &Path, req: Value) {
+    fn run(mut self, socket: &Path, req: Message) {
         let outcome = self.relay(socket, req);
         let mut o = lock(&self.out);
         if o.current != self.n || !o.open {
@@ -452,7 +445,7 @@ impl Utterance {
     }
 
     /// Moves the daemon's events to speech-dispatcher until the job ends or is stopped.
-    fn relay(&mut self, socket: &Path, req: Value) -> anyhow::Result<()> {
+    fn relay(&mut self, socket: &Path, req: Message) -> anyhow::Result<()> {
         let mut c = Client::connect(socket).context("no voxtrald daemon is running")?;
         c.send(&req)?;
         while let Some(ev) = c.recv()? {
@@ -464,9 +457,7 @@ impl Utterance {
             match ev["event"].as_str().unwrap_or("") {
                 "accepted" => {
                     o.job = ev["job"].as_u64();
-                    if let Some(r) = ev["rate"].as_u64() {
-                        self.rate = r as u32;
-                    }
+                    self.sample_rate = ev["sample_rate"].as_u64().map(|r| r as u32);
                 }
                 "started" => {
                     o.line("701 BEGIN")?;
@@ -481,11 +472,13 @@ impl Utterance {
                     o.marks(&due)?;
                 }
                 "audio" => {
-                    let mut pcm = base64::engine::general_purpose::STANDARD
+                    let pcm = base64::engine::general_purpose::STANDARD
                         .decode(ev["pcm"].as_str().unwrap_or(""))
                         .context("the daemon sent bad audio")?;
-                    scale_pcm(&mut pcm, self.gain);
-                    o.audio(&pcm, self.rate)?;
+                    let rate = self
+                        .sample_rate
+                        .context("the daemon sent audio without its sample rate")?;
+                    o.audio(&pcm, rate)?;
                 }
                 "finished" => return Ok(()),
                 "failed" | "cancelled" => {
@@ -495,17 +488,6 @@ impl Utterance {
             }
         }
         Ok(())
-    }
-}
-
-/// Scales 16-bit little-endian samples in place.
-fn scale_pcm(pcm: &mut [u8], gain: f32) {
-    if gain == 1.0 {
-        return;
-    }
-    for s in pcm.chunks_exact_mut(2) {
-        let v = i16::from_le_bytes([s[0], s[1]]) as f32 * gain;
-        s.copy_from_slice(&(v.round().clamp(-32768.0, 32767.0) as i16).to_le_bytes());
     }
 }
 
@@ -532,14 +514,14 @@ mod tests {
 
     #[test]
     fn speechd_settings_map_to_the_daemons() {
-        let voices: Vec<(String, String)> = [
+        let voices: Vec<Voice> = [
             ("casual_female", "en"),
             ("casual_male", "en"),
             ("fr_male", "fr"),
             ("fr_female", "fr"),
         ]
         .iter()
-        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .map(|(a, b)| Voice::preset(a, b))
         .collect();
         let s = settings(&[("language", "fr-FR"), ("voice", "FEMALE1")]);
         assert_eq!(s.voice(&voices).as_deref(), Some("fr_female"));
@@ -550,16 +532,13 @@ mod tests {
         let s = settings(&[("language", "ja"), ("synthesis_voice", "NULL")]);
         assert_eq!(s.voice(&voices), None);
         let s = settings(&[("rate", "-100"), ("pitch", "100")]);
-        assert_eq!((s.rate(), s.pitch()), (0.5, 2.0));
+        assert_eq!((s.rate(), s.pitch()), (0.25, 2.0));
         let s = settings(&[("rate", "100"), ("pitch", "-100")]);
         assert_eq!((s.rate(), s.pitch()), (4.0, 0.5));
         let s = settings(&[("rate", "0"), ("pitch", "junk")]);
         assert_eq!((s.rate(), s.pitch(), s.gain()), (1.0, 1.0, 1.0));
         let s = settings(&[("volume", "0")]);
         assert_eq!(s.gain(), 0.5);
-        let mut pcm = [0x00, 0x40, 0x00, 0xc0]; // 16384, -16384
-        scale_pcm(&mut pcm, s.gain());
-        assert_eq!(pcm, [0x00, 0x20, 0x00, 0xe0]);
         assert_eq!(settings(&[("volume", "-100")]).gain(), 0.0);
     }
 }

@@ -1,5 +1,5 @@
 //! A blocking client of the socket API, for the CLI (`say`, `voices`, `status`, `stop` use a
-//! running daemon when there is one).
+//! running daemon when there is one) and the Speech Dispatcher module.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -8,6 +8,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use serde_json::Value;
+
+use crate::frontends::protocol::Message;
+use crate::settings::Settings;
 
 pub struct Client {
     reader: BufReader<UnixStream>,
@@ -26,7 +29,13 @@ impl Client {
         })
     }
 
-    pub fn send(&mut self, req: &Value) -> anyhow::Result<()> {
+    /// The running daemon of this user (default config), if there is one.
+    pub fn of_this_user() -> Option<Self> {
+        let path = Settings::of_this_user().ok()?.socket_path().ok()?;
+        Self::connect(&path)
+    }
+
+    pub fn send(&mut self, req: &Message) -> anyhow::Result<()> {
         let mut line = serde_json::to_vec(req)?;
         line.push(b'\n');
         self.writer
@@ -54,7 +63,7 @@ impl Client {
     }
 
     /// Sends a request and returns its one reply.
-    pub fn call(&mut self, req: Value) -> anyhow::Result<Value> {
+    pub fn call(&mut self, req: Message) -> anyhow::Result<Value> {
         if let Err(e) = self.send(&req) {
             // A daemon that refused the connection said why before closing it.
             self.recv()?;

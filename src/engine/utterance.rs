@@ -1,0 +1,326 @@
+//! One job as the worker holds it, and the project's central line, sentence by sentence:
+//! text → (lexicon) → prompt tokens → prefill → frames of codes (shared decoding steps) →
+//! streaming codec → rate and pitch → gain → audio events for the consumer.
+//!
+//! [`Active::begin_sentence`] runs everything up to the prefill; the worker's shared step
+//! produces the frames; [`Active::take_frame`] turns each into audio. Delivery never waits: a
+//! job whose consumer is behind keeps its events in its outbox and sits out the steps.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use super::job::{lock, Refused};
+use super::request::{Destination, Event};
+use super::worker::Queued;
+use super::EngineConfig;
+use crate::audio::pcm::apply_gain;
+use crate::audio::prosody::Prosody;
+use crate::model::noise::SeededNoise;
+use crate::model::prompt::PromptTokens;
+use crate::model::stream::StreamingDecoder;
+use crate::model::{Frame, GenerateOptions, Generation, Voxtral};
+use crate::text::sentences::char_slice;
+use crate::{Error, Result};
+
+/// One sentence being generated and streamed.
+struct Utterance<'m> {
+    gen: Generation<'m>,
+    dec: StreamingDecoder,
+    prosody: Prosody,
+}
+
+pub(super) struct Active<'m> {
+    pub job: Queued,
+    utterance: Option<Utterance<'m>>,
+    outbox: VecDeque<Event>,
+    /// A sentence ended since the job was admitted; at this boundary it goes back to the queue
+    /// so that more urgent work can take over.
+    spoke: bool,
+    /// The terminal event is in the outbox.
+    ending: bool,
+    /// The terminal event was delivered, or nobody is left to take it.
+    pub done: bool,
+    /// Since when the consumer's mailbox has been full.
+    blocked_since: Option<Instant>,
+}
+
+impl<'m> Active<'m> {
+    pub fn new(job: Queued) -> Self {
+        Self {
+            job,
+            utterance: None,
+            outbox: VecDeque::new(),
+            spoke: false,
+            ending: false,
+            done: false,
+            blocked_since: None,
+        }
+    }
+
+    fn cancelled(&self) -> Option<String> {
+        self.job.control.reason()
+    }
+
+    /// Ends the job with `ev`. A cancellation replaces whatever was not yet delivered, even
+    /// another ending; other endings keep the audio before them.
+    fn end(&mut self, ev: Event) {
+        let cancel = matches!(ev, Event::Cancelled { .. });
+        if self.done || (self.ending && !cancel) {
+            return;
+        }
+        if cancel {
+            if matches!(self.outbox.back(), Some(Event::Cancelled { .. })) {
+                return;
+            }
+            self.outbox.clear();
+        }
+        self.job.log_end(&ev);
+        self.utterance = None;
+        self.outbox.push_back(ev);
+        self.ending = true;
+    }
+
+    pub fn fail(&mut self, e: Error) {
+        match self.cancelled() {
+            Some(reason) => self.end(Event::Cancelled { reason }),
+            None => self.end(Event::Failed {
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    /// Runs `f` on this job; an error or a panic (a bug, or a device failure that candle turns
+    /// into one) fails this job only.
+    pub fn guarded(&mut self, f: impl FnOnce(&mut Self) -> Result<()>) {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(self)))
+            .unwrap_or_else(|payload| Err(super::worker::panicked(self.job.id, payload)));
+        if let Err(e) = r {
+            self.fail(e);
+        }
+    }
+
+    /// Hands queued events to the consumer as far as its mailbox takes them; true if any
+    /// moved. A client that has taken nothing for `stall_timeout` is cancelled.
+    pub fn deliver(&mut self, stall_timeout: Duration) -> bool {
+        if self.done {
+            return false;
+        }
+        if let Some(reason) = self.cancelled() {
+            self.end(Event::Cancelled { reason });
+        }
+        let mut moved = false;
+        while let Some(ev) = self.outbox.pop_front() {
+            let sent = if ev.is_terminal() {
+                self.job.tx.try_send(ev)
+            } else {
+                // Checked and sent under the lock, so once `cancel` returns no audio goes out.
+                let g = lock(&self.job.control.cancelled);
+                if let Some(reason) = g.clone() {
+                    drop(g);
+                    self.end(Event::Cancelled { reason });
+                    continue;
+                }
+                self.job.tx.try_send(ev)
+            };
+            match sent {
+                Ok(()) => {
+                    moved = true;
+                    self.blocked_since = None;
+                    if self.ending && self.outbox.is_empty() {
+                        self.done = true;
+                    }
+                }
+                Err(Refused::Full(ev)) => {
+                    self.outbox.push_front(ev);
+                    let since = *self.blocked_since.get_or_insert_with(Instant::now);
+                    // The daemon's own speaker is paused by its user, never dropped.
+                    let client = self.job.req.destination == Destination::Client;
+                    if client && since.elapsed() > stall_timeout {
+                        let reason = format!(
+                            "the client stopped reading for {} s",
+                            stall_timeout.as_secs_f64()
+                        );
+                        self.job.control.cancel(&reason);
+                        self.end(Event::Cancelled { reason });
+                        continue;
+                    }
+                    break;
+                }
+                Err(Refused::Gone) => {
+                    let reason = "the client went away";
+                    if !self.ending && self.job.control.cancel(reason) {
+                        self.job.log_end(&Event::Cancelled {
+                            reason: reason.into(),
+                        });
+                    }
+                    self.outbox.clear();
+                    self.utterance = None;
+                    self.done = true;
+                    break;
+                }
+            }
+        }
+        moved
+    }
+
+    /// Can take part in the next decoding step.
+    pub fn ready(&self) -> bool {
+        self.utterance.is_some()
+            && self.outbox.is_empty()
+            && !self.ending
+            && self.cancelled().is_none()
+    }
+
+    /// Admitted, with no sentence begun yet.
+    pub fn fresh(&self) -> bool {
+        self.utterance.is_none() && !self.spoke && !self.ending && !self.done
+    }
+
+    pub fn mid_sentence(&self) -> bool {
+        self.utterance.is_some()
+    }
+
+    /// Between sentences with more to say.
+    pub fn at_boundary(&self) -> bool {
+        self.spoke
+            && !self.ending
+            && self.utterance.is_none()
+            && self.outbox.is_empty()
+            && self.job.next_sentence < self.job.sentences.len()
+    }
+
+    pub fn generation(&mut self) -> Option<&mut Generation<'m>> {
+        self.utterance.as_mut().map(|u| &mut u.gen)
+    }
+
+    /// Queues audio for the consumer.
+    fn emit(&mut self, mut samples: Vec<f32>) {
+        if samples.is_empty() {
+            return;
+        }
+        apply_gain(&mut samples, self.job.req.volume);
+        if self.job.first_audio.is_none() {
+            self.job.first_audio = Some(self.job.submitted.elapsed());
+        }
+        let n = samples.len() as u64;
+        self.outbox.push_back(Event::Audio {
+            offset: self.job.offset,
+            samples,
+        });
+        self.job.offset += n;
+    }
+
+    /// The next sentence up to its prefill: split it if it cannot fit the context, apply the
+    /// lexicon, build the prompt, start the generation.
+    pub fn begin_sentence(&mut self, model: &'m Voxtral, cfg: &EngineConfig) -> Result<()> {
+        let job = &mut self.job;
+        if job.started.is_none() {
+            job.started = Some(Instant::now());
+            job.log_start();
+            self.outbox.push_back(Event::Started);
+        }
+        let Some(range) = job.sentences.get(job.next_sentence).cloned() else {
+            return Ok(());
+        };
+        let text = char_slice(&job.req.text, &range);
+        #[cfg(test)]
+        if text.contains(super::tests::PANIC_MARK) {
+            panic!("injected fault");
+        }
+        // A sentence that could not fit the context with its audio is split in two.
+        let rows = model.voice(&job.req.voice)?.dim(0)?;
+        let budget = model
+            .backbone()
+            .max_positions()
+            .saturating_sub(rows + PromptTokens::OVERHEAD)
+            / 7;
+        // The model reads the user's pronunciations; the ranges stay on the text as sent.
+        let said = match &cfg.lexicon {
+            Some(lexicon) => lexicon.apply(&text),
+            None => std::borrow::Cow::Borrowed(text.as_str()),
+        };
+        let prompt = model.prompt(&job.req.voice, &said);
+        let too_long = match &prompt {
+            Ok(p) => p.ids.len() - rows - PromptTokens::OVERHEAD > budget.max(1),
+            Err(Error::ContextOverflow { .. }) => true,
+            Err(_) => false,
+        };
+        if too_long && range.len() > 1 {
+            let chars: Vec<char> = text.chars().collect();
+            let half = chars.len() / 2;
+            let (head, tail) = match (1..half).rev().find(|&i| chars[i].is_whitespace()) {
+                Some(space) => (
+                    range.start..range.start + space,
+                    range.start + space + 1..range.end,
+                ),
+                None => (
+                    range.start..range.start + half,
+                    range.start + half..range.end,
+                ),
+            };
+            job.sentences
+                .splice(job.next_sentence..=job.next_sentence, [head, tail]);
+            return self.begin_sentence(model, cfg);
+        }
+        let prompt = prompt?;
+        job.next_sentence += 1;
+        self.outbox.push_back(Event::Sentence { range });
+        let seed = job.req.seed.wrapping_add(job.next_sentence as u64 - 1);
+        let opts = GenerateOptions {
+            max_frames: job.req.max_frames,
+            cfg_alpha: job.req.cfg_alpha,
+        };
+        let gen = model.start(&prompt, Box::new(SeededNoise::new(seed)), &opts)?;
+        self.utterance = Some(Utterance {
+            gen,
+            dec: StreamingDecoder::new(cfg.schedule),
+            prosody: Prosody::new(model.sample_rate(), job.req.rate, job.req.pitch)?,
+        });
+        Ok(())
+    }
+
+    /// This job's result of a decoding step: the frame through the codec and prosody into
+    /// audio, or the end of the sentence.
+    pub fn take_frame(&mut self, model: &Voxtral, frame: Result<Option<Frame>>) -> Result<()> {
+        let Some(utt) = self.utterance.as_mut() else {
+            return Ok(());
+        };
+        let mut out = Vec::new();
+        match frame {
+            Ok(Some(frame)) => {
+                self.job.control.frames.fetch_add(1, Ordering::SeqCst);
+                if let Some(samples) = utt.dec.push(model.codec(), frame.codes)? {
+                    utt.prosody.push(&samples, &mut out)?;
+                }
+            }
+            // A sentence with no audio (e.g. only punctuation) is skipped, not fatal.
+            Ok(None) | Err(Error::NoAudio) => {
+                utt.prosody.push(&utt.dec.flush(model.codec())?, &mut out)?;
+                utt.prosody.finish(&mut out)?;
+                self.utterance = None;
+                self.spoke = true;
+            }
+            Err(e) => return Err(e),
+        }
+        self.emit(out);
+        Ok(())
+    }
+
+    /// Queues `Finished` once the last sentence is out.
+    pub fn finish_if_done(&mut self, sample_rate: u32) {
+        if self.ending
+            || self.utterance.is_some()
+            || self.job.next_sentence < self.job.sentences.len()
+        {
+            return;
+        }
+        let secs = self.job.offset as f64 / sample_rate as f64;
+        let took = self.job.started.map_or(0.0, |t| t.elapsed().as_secs_f64());
+        self.end(Event::Finished {
+            frames: self.job.control.frames.load(Ordering::SeqCst),
+            seconds: secs,
+            rtf: took / secs.max(1e-9),
+        });
+    }
+}

@@ -1,0 +1,247 @@
+//! The engine's thread: admit waiting jobs, begin their sentences, advance every ready one by a
+//! frame in one shared decoding step, deliver what they made, retire what ended.
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use super::job::{lock, Control, EventSender};
+use super::policy;
+use super::request::{Destination, Event, JobId, Priority, SpeechRequest};
+use super::utterance::Active;
+use super::EngineConfig;
+use crate::model::{Generation, Voxtral};
+use crate::Error;
+
+/// A job between its submission and its end: what to say, where it has got to.
+pub(super) struct Queued {
+    pub id: JobId,
+    pub seq: u64,
+    pub req: SpeechRequest,
+    pub tx: EventSender,
+    pub control: Arc<Control>,
+    pub sentences: Vec<Range<usize>>,
+    pub next_sentence: usize,
+    /// Samples delivered so far.
+    pub offset: u64,
+    pub submitted: Instant,
+    pub started: Option<Instant>,
+    pub first_audio: Option<Duration>,
+}
+
+impl Queued {
+    pub fn log_start(&self) {
+        tracing::info!(
+            job = self.id,
+            interface = %self.req.interface,
+            voice = %self.req.voice,
+            chars = self.req.text.chars().count(),
+            sentences = self.sentences.len(),
+            priority = ?self.req.priority,
+            destination = ?self.req.destination,
+            waited_ms = self.submitted.elapsed().as_millis() as u64,
+            "job started"
+        );
+    }
+
+    /// The job's one closing log line: how it ended, never what it said.
+    pub fn log_end(&self, ev: &Event) {
+        let frames = self.control.frames.load(Ordering::SeqCst);
+        let first_audio_ms = self.first_audio.map(|d| d.as_millis() as u64);
+        let took = self.started.map_or(0.0, |t| t.elapsed().as_secs_f64());
+        let samples = self.offset;
+        let (job, interface, voice) = (self.id, self.req.interface, &self.req.voice);
+        match ev {
+            Event::Finished { seconds, rtf, .. } => tracing::info!(
+                job, %interface, %voice, frames, first_audio_ms, audio_s = seconds, rtf,
+                "job finished"
+            ),
+            Event::Cancelled { reason } => tracing::info!(
+                job, %interface, %voice, frames, first_audio_ms, ran_s = took, samples, %reason,
+                "job cancelled"
+            ),
+            Event::Failed { reason } => tracing::warn!(
+                job, %interface, %voice, frames, first_audio_ms, ran_s = took, %reason,
+                "job failed"
+            ),
+            _ => {}
+        }
+    }
+
+    /// Ends a job that never reached the worker (cancelled or displaced while waiting).
+    pub fn end_waiting(&self, reason: &str) {
+        let ev = Event::Cancelled {
+            reason: reason.into(),
+        };
+        self.log_end(&ev);
+        let _ = self.tx.try_send(ev);
+    }
+}
+
+/// A job the worker holds, as `submit` and `cancel` see it.
+pub(super) struct Running {
+    pub id: JobId,
+    pub priority: Priority,
+    pub destination: Destination,
+    pub control: Arc<Control>,
+}
+
+#[derive(Default)]
+pub(super) struct State {
+    pub queue: Vec<Queued>,
+    pub running: Vec<Running>,
+    pub next_id: JobId,
+    pub shutdown: bool,
+}
+
+pub(super) struct Shared {
+    pub state: Mutex<State>,
+    pub widest_step: AtomicUsize,
+    pub wake: Condvar,
+    pub model: Arc<Voxtral>,
+    pub cfg: EngineConfig,
+}
+
+pub(super) fn panicked(job: JobId, payload: Box<dyn std::any::Any + Send>) -> Error {
+    let what = crate::error::panic_message(payload.as_ref());
+    tracing::error!(job, %what, "synthesis panicked");
+    Error::Internal(what)
+}
+
+/// The worker's loop.
+pub(super) fn run(shared: Arc<Shared>) {
+    let model: &Voxtral = &shared.model;
+    let stall = shared.cfg.stall_timeout;
+    let mut active: Vec<Active<'_>> = Vec::new();
+    while settle(&shared, &mut active) {
+        let mut progressed = false;
+        // While some are mid-sentence, one prefill per step, so that a newcomer delays audio
+        // already flowing by one prefill, not by one per newcomer.
+        let mut prefills = if active.iter().any(Active::mid_sentence) {
+            1
+        } else {
+            usize::MAX
+        };
+        for a in &mut active {
+            progressed |= a.deliver(stall);
+            if a.fresh() && prefills > 0 {
+                prefills -= 1;
+                progressed = true;
+                a.guarded(|a| a.begin_sentence(model, &shared.cfg));
+            }
+        }
+        progressed |= step(&shared, &mut active);
+        for a in &mut active {
+            a.finish_if_done(model.sample_rate());
+            progressed |= a.deliver(stall);
+        }
+        if !progressed {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+/// Advances every ready job by one frame, all in one decoding step. Returns whether any did.
+fn step<'m>(shared: &'m Shared, active: &mut [Active<'m>]) -> bool {
+    let model: &Voxtral = &shared.model;
+    let ready: Vec<usize> = (0..active.len()).filter(|&i| active[i].ready()).collect();
+    if ready.is_empty() {
+        return false;
+    }
+    shared.widest_step.fetch_max(ready.len(), Ordering::Relaxed);
+    let results = {
+        let mut gens: Vec<&mut Generation<'m>> = active
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| ready.binary_search(i).is_ok())
+            .filter_map(|(_, a)| a.generation())
+            .collect();
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            model.next_frames(&mut gens)
+        }))
+    };
+    // The shared step failed: every job in it fails, since none can go on from a state the
+    // step may have half changed.
+    let failure = match results {
+        Ok(Ok(results)) => {
+            for (&i, frame) in ready.iter().zip(results) {
+                active[i].guarded(|a| a.take_frame(model, frame));
+            }
+            return true;
+        }
+        Ok(Err(e)) => e.to_string(),
+        Err(payload) => panicked(active[ready[0]].job.id, payload).to_string(),
+    };
+    for &i in &ready {
+        active[i].fail(Error::Internal(failure.clone()));
+    }
+    true
+}
+
+/// The worker's bookkeeping under the state lock: retires ended jobs, returns jobs at a
+/// sentence boundary to the queue, admits queued ones. Waits while there is nothing to do;
+/// false on shutdown.
+fn settle(shared: &Shared, active: &mut Vec<Active<'_>>) -> bool {
+    let mut st = lock(&shared.state);
+    let mut i = 0;
+    while i < active.len() {
+        if active[i].done || active[i].at_boundary() {
+            let a = active.remove(i);
+            st.running.retain(|r| r.id != a.job.id);
+            if !a.done {
+                // More to say: back in the queue, keeping its place in its class.
+                st.queue.push(a.job);
+            }
+        } else {
+            i += 1;
+        }
+    }
+    loop {
+        if st.shutdown {
+            // The jobs were cancelled first; tell their consumers so, where they listen.
+            for a in active.iter_mut() {
+                a.deliver(shared.cfg.stall_timeout);
+            }
+            return false;
+        }
+        admit(&mut st, active, shared.cfg.max_streams.max(1));
+        if !active.is_empty() {
+            return true;
+        }
+        st = shared.wake.wait(st).unwrap_or_else(|e| e.into_inner());
+    }
+}
+
+/// Moves queued jobs to the worker, most urgent first: the speaker takes one at a time,
+/// clients up to `max_streams` together.
+fn admit(st: &mut State, active: &mut Vec<Active<'_>>, max_streams: usize) {
+    loop {
+        let speaker_busy = active
+            .iter()
+            .any(|a| a.job.req.destination == Destination::Speaker);
+        let clients = active
+            .iter()
+            .filter(|a| a.job.req.destination == Destination::Client)
+            .count();
+        let best = st
+            .queue
+            .iter()
+            .enumerate()
+            .filter(|(_, q)| match q.req.destination {
+                Destination::Speaker => !speaker_busy,
+                Destination::Client => clients < max_streams,
+            })
+            .min_by_key(|(_, q)| (policy::rank(q.req.priority), q.seq))
+            .map(|(i, _)| i);
+        let Some(i) = best else { return };
+        let job = st.queue.remove(i);
+        st.running.push(Running {
+            id: job.id,
+            priority: job.req.priority,
+            destination: job.req.destination,
+            control: job.control.clone(),
+        });
+        active.push(Active::new(job));
+    }
+}

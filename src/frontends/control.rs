@@ -1,0 +1,150 @@
+//! The daemon's control interface `org.voxtrald.Daemon1` at `/org/voxtrald/Daemon`: speak on
+//! the daemon's own output, stop, pause, list voices, status; job signals.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use zbus::object_server::SignalEmitter;
+
+use crate::engine::{Destination, Event, Interface, JobId};
+use crate::service::{Request, Speech};
+
+pub const CONTROL_PATH: &str = "/org/voxtrald/Daemon";
+
+pub struct Control {
+    pub speech: Arc<Speech>,
+}
+
+fn invalid(e: impl std::fmt::Display) -> zbus::fdo::Error {
+    zbus::fdo::Error::InvalidArgs(e.to_string())
+}
+
+#[zbus::interface(name = "org.voxtrald.Daemon1")]
+impl Control {
+    /// Speaks on the daemon's own audio output; returns the job id. An empty voice is the
+    /// configured one.
+    async fn speak(
+        &self,
+        text: String,
+        voice: String,
+        priority: String,
+        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+    ) -> zbus::fdo::Result<u64> {
+        let mut req = Request::new(text, Interface::Control, Destination::Speaker);
+        req.voice = Some(voice);
+        req.priority = priority.parse().map_err(invalid)?;
+        let mut job = self.speech.speak_async(req).await.map_err(invalid)?;
+        let id = job.id;
+        let emitter = emitter.to_owned();
+        tokio::spawn(async move {
+            while let Some(ev) = job.next().await {
+                let sent = match ev {
+                    Event::Started => Control::job_started(&emitter, id).await,
+                    Event::Sentence { range } => {
+                        let (start, end) = (range.start as u32, range.end as u32);
+                        Control::job_sentence(&emitter, id, start, end).await
+                    }
+                    Event::Finished {
+                        frames, seconds, ..
+                    } => Control::job_finished(&emitter, id, frames as u32, seconds).await,
+                    Event::Failed { reason } | Event::Cancelled { reason } => {
+                        Control::job_failed(&emitter, id, &reason).await
+                    }
+                    Event::Audio { .. } => Ok(()),
+                };
+                if let Err(e) = sent {
+                    tracing::debug!(error = %e, "signal not sent");
+                }
+            }
+        });
+        Ok(id)
+    }
+
+    /// Cancels one job; false if it is unknown or over.
+    fn stop(&self, job: JobId) -> bool {
+        self.speech.cancel(job, Interface::Control)
+    }
+
+    /// Cancels everything and silences the output.
+    async fn stop_all(&self) {
+        let _ = self
+            .speech
+            .off_runtime(|s| s.stop_all(Interface::Control))
+            .await;
+    }
+
+    async fn pause(&self, #[zbus(signal_emitter)] emitter: SignalEmitter<'_>) {
+        self.speech.set_paused(true);
+        let _ = self.paused_changed(&emitter).await;
+    }
+
+    async fn resume(&self, #[zbus(signal_emitter)] emitter: SignalEmitter<'_>) {
+        self.speech.set_paused(false);
+        let _ = self.paused_changed(&emitter).await;
+    }
+
+    /// (voice id, language) pairs.
+    fn list_voices(&self) -> Vec<(String, String)> {
+        let voices = self.speech.voices();
+        voices.into_iter().map(|v| (v.id, v.language)).collect()
+    }
+
+    /// The status, each value as a string (numbers in decimal, absent ones empty).
+    fn status(&self) -> HashMap<String, String> {
+        let status = serde_json::to_value(self.speech.status()).unwrap_or_default();
+        let fields = status.as_object().cloned().unwrap_or_default();
+        fields
+            .into_iter()
+            .map(|(k, v)| {
+                let v = match v {
+                    serde_json::Value::String(s) => s,
+                    serde_json::Value::Null => String::new(),
+                    other => other.to_string(),
+                };
+                (k, v)
+            })
+            .collect()
+    }
+
+    #[zbus(property)]
+    fn paused(&self) -> bool {
+        self.speech.is_paused()
+    }
+
+    #[zbus(property)]
+    fn queue_length(&self) -> u32 {
+        self.speech.queue_len() as u32
+    }
+
+    #[zbus(property)]
+    fn model(&self) -> String {
+        self.speech.status().model
+    }
+
+    #[zbus(property)]
+    fn device(&self) -> String {
+        self.speech.status().device
+    }
+
+    #[zbus(signal)]
+    async fn job_started(emitter: &SignalEmitter<'_>, job: u64) -> zbus::Result<()>;
+
+    #[zbus(signal)]
+    async fn job_sentence(
+        emitter: &SignalEmitter<'_>,
+        job: u64,
+        start: u32,
+        end: u32,
+    ) -> zbus::Result<()>;
+
+    #[zbus(signal)]
+    async fn job_finished(
+        emitter: &SignalEmitter<'_>,
+        job: u64,
+        frames: u32,
+        seconds: f64,
+    ) -> zbus::Result<()>;
+
+    #[zbus(signal)]
+    async fn job_failed(emitter: &SignalEmitter<'_>, job: u64, reason: &str) -> zbus::Result<()>;
+}

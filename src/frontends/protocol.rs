@@ -1,0 +1,134 @@
+//! The socket protocol's messages (see `docs/socket-protocol.md`): one JSON object per line
+//! each way; with `"output": "raw"` the connection carries bare PCM after the first reply.
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::audio::pcm::s16le;
+use crate::engine::{Event, JobId, Priority};
+use crate::service::{Amount, Status, Voice};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Output {
+    /// The daemon plays the audio itself.
+    #[default]
+    Play,
+    /// Audio comes back as base64 s16le inside `audio` events.
+    Stream,
+    /// After one `accepted` line the connection carries bare s16le PCM until it closes.
+    Raw,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Message {
+    Speak {
+        text: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        voice: Option<String>,
+        #[serde(default)]
+        priority: Priority,
+        #[serde(default)]
+        output: Output,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        seed: Option<u64>,
+        /// Speaking rate, 0.25 to 4.0 (default: the configured rate).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rate: Option<f32>,
+        /// A multiple of the configured rate, for clients with a "normal" of their own.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        relative_rate: Option<f32>,
+        /// Pitch as a frequency ratio, 0.5 to 2.0 (default: the configured pitch).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pitch: Option<f32>,
+        /// A multiple of the configured pitch.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        relative_pitch: Option<f32>,
+        /// Gain, 0.0 to 1.0.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        volume: Option<f32>,
+        /// Echoed back in `accepted`, to match replies to requests.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tag: Option<Value>,
+    },
+    Cancel {
+        job: JobId,
+    },
+    Stop,
+    Pause,
+    Resume,
+    Voices,
+    Status,
+}
+
+impl Message {
+    /// A `speak` with only the text and output; the other fields at their defaults.
+    pub fn speak(text: impl Into<String>, output: Output) -> Self {
+        Message::Speak {
+            text: text.into(),
+            voice: None,
+            priority: Priority::Text,
+            output,
+            seed: None,
+            rate: None,
+            relative_rate: None,
+            pitch: None,
+            relative_pitch: None,
+            volume: None,
+            tag: None,
+        }
+    }
+}
+
+/// An absolute value wins over a relative one; neither is the default.
+pub fn amount(absolute: Option<f32>, relative: Option<f32>) -> Amount {
+    match (absolute, relative) {
+        (Some(v), _) => Amount::Exactly(v),
+        (None, Some(m)) => Amount::Times(m),
+        (None, None) => Amount::Default,
+    }
+}
+
+/// The JSON line for an engine event.
+pub fn event_json(job: JobId, ev: &Event, with_audio: bool) -> Option<Value> {
+    Some(match ev {
+        Event::Started => json!({"event": "started", "job": job}),
+        Event::Sentence { range } => {
+            json!({"event": "sentence", "job": job, "start": range.start, "end": range.end})
+        }
+        Event::Audio { offset, samples } => {
+            if !with_audio {
+                return None;
+            }
+            let pcm = base64::engine::general_purpose::STANDARD.encode(s16le(samples));
+            json!({"event": "audio", "job": job, "offset": offset, "samples": samples.len(), "pcm": pcm})
+        }
+        Event::Finished {
+            frames,
+            seconds,
+            rtf,
+        } => {
+            json!({"event": "finished", "job": job, "frames": frames, "seconds": seconds, "rtf": rtf})
+        }
+        Event::Failed { reason } => json!({"event": "failed", "job": job, "reason": reason}),
+        Event::Cancelled { reason } => json!({"event": "cancelled", "job": job, "reason": reason}),
+    })
+}
+
+pub fn status_json(status: &Status) -> Value {
+    let mut v = json!({"event": "status"});
+    if let (Some(o), Ok(Value::Object(s))) = (v.as_object_mut(), serde_json::to_value(status)) {
+        o.extend(s);
+    }
+    v
+}
+
+pub fn voices_json(voices: &[Voice]) -> Value {
+    json!({"event": "voices", "voices": voices})
+}
+
+pub fn error_json(msg: impl std::fmt::Display) -> Value {
+    json!({"event": "error", "error": msg.to_string()})
+}

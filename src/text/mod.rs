@@ -1,0 +1,7 @@
+//! Text on its way to the model: sentence splitting, SSML (the interfaces that receive it turn
+//! it into plain text with marks), and the user's pronunciations. Nothing here knows about the
+//! model or the interfaces.
+
+pub mod lexicon;
+pub mod sentences;
+pub mod ssml;
