@@ -4,9 +4,12 @@
 mod common;
 
 use std::io::Read;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::bus::{
+    connect_when_served, parse_stream, parse_stream_audio, private_bus, provider, synthesize,
+    synthesize_pitched, Bus, Chunk, IFACE, NAME, PATH,
+};
 use common::served::Served;
 use serde_json::json;
 
@@ -26,46 +29,6 @@ const PROVIDER_XML: &str = r#"
   <property name="Name" type="s" access="read"/>
 </interface>"#;
 
-const NAME: &str = "org.voxtrald.Speech.Provider";
-const PATH: &str = "/org/voxtrald/Speech/Provider";
-const IFACE: &str = "org.freedesktop.Speech.Provider";
-
-struct Bus {
-    child: Child,
-    address: String,
-}
-
-impl Drop for Bus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn private_bus(dir: &std::path::Path) -> Bus {
-    let mut child = Command::new("dbus-daemon")
-        .args([
-            "--session",
-            "--nofork",
-            "--print-address=1",
-            &format!("--address=unix:dir={}", dir.display()),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("dbus-daemon (Debian package dbus-daemon) must be installed");
-    let mut out = child.stdout.take().unwrap();
-    let mut address = Vec::new();
-    let mut b = [0u8; 1];
-    while out.read(&mut b).unwrap() == 1 && b[0] != b'\n' {
-        address.push(b[0]);
-    }
-    Bus {
-        child,
-        address: String::from_utf8(address).unwrap(),
-    }
-}
-
 struct Setup {
     _bus: Bus,
     daemon: Served,
@@ -80,29 +43,13 @@ async fn setup() -> Setup {
         "[limits]\nmax_frames = 6\n",
         &[("DBUS_SESSION_BUS_ADDRESS", &bus.address)],
     );
-    let conn = zbus::connection::Builder::address(bus.address.as_str())
-        .build()
-        .await
-        .unwrap();
-    let dbus = zbus::fdo::DBusProxy::new(&conn).await.unwrap();
-    let start = Instant::now();
-    while !dbus.name_has_owner(NAME.try_into().unwrap()).await.unwrap() {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "bus name never appeared"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let conn = connect_when_served(&bus).await;
     Setup {
         _bus: bus,
         daemon,
         conn,
         _busdir: busdir,
     }
-}
-
-async fn provider(conn: &zbus::Connection) -> zbus::Proxy<'static> {
-    zbus::Proxy::new(conn, NAME, PATH, IFACE).await.unwrap()
 }
 
 /// The `type` attributes of a method's arguments in an introspection document.
@@ -128,82 +75,6 @@ fn property_type(xml: &str, name: &str) -> String {
     let p = &xml[start..start + xml[start..].find('>').unwrap()];
     let t = p.find("type=\"").unwrap() + 6;
     p[t..t + p[t..].find('"').unwrap()].to_string()
-}
-
-/// Calls Synthesize with a fresh pipe and returns the read end.
-async fn synthesize(p: &zbus::Proxy<'_>, text: &str, voice: &str) -> std::io::PipeReader {
-    synthesize_pitched(p, text, voice, 1.0).await
-}
-
-async fn synthesize_pitched(
-    p: &zbus::Proxy<'_>,
-    text: &str,
-    voice: &str,
-    pitch: f64,
-) -> std::io::PipeReader {
-    let (reader, writer) = std::io::pipe().unwrap();
-    let () = p
-        .call(
-            "Synthesize",
-            &(
-                zbus::Fd::from(&writer),
-                text,
-                voice,
-                pitch,
-                1.0f64,
-                false,
-                "",
-            ),
-        )
-        .await
-        .unwrap();
-    drop(writer);
-    reader
-}
-
-#[derive(Debug, PartialEq)]
-enum Chunk {
-    Audio(usize),
-    Sentence(u32, u32),
-}
-
-/// Parses an `audio/x-spiel` stream to its end.
-fn parse_stream(r: impl Read) -> Vec<Chunk> {
-    parse_stream_audio(r).0
-}
-
-/// [`parse_stream`], with the audio bytes.
-fn parse_stream_audio(mut r: impl Read) -> (Vec<Chunk>, Vec<u8>) {
-    let mut all = Vec::new();
-    r.read_to_end(&mut all).unwrap();
-    assert_eq!(&all[..4], b"0.01", "stream header");
-    let u32_at = |b: &[u8], i: usize| u32::from_ne_bytes(b[i..i + 4].try_into().unwrap());
-    let mut out = Vec::new();
-    let mut audio = Vec::new();
-    let mut i = 4;
-    while i < all.len() {
-        match all[i] {
-            1 => {
-                let n = u32_at(&all, i + 1) as usize;
-                out.push(Chunk::Audio(n));
-                audio.extend_from_slice(&all[i + 5..i + 5 + n]);
-                i += 5 + n;
-            }
-            2 => {
-                assert_eq!(all[i + 1], 2, "only sentence events are advertised");
-                let (s, e, m) = (
-                    u32_at(&all, i + 2),
-                    u32_at(&all, i + 6),
-                    u32_at(&all, i + 10),
-                );
-                out.push(Chunk::Sentence(s, e));
-                i += 14 + m as usize;
-            }
-            t => panic!("bad chunk type {t} at {i}"),
-        }
-    }
-    assert_eq!(i, all.len(), "truncated chunk");
-    (out, audio)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

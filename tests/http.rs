@@ -3,96 +3,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 
+use common::http::{get, post, request};
 use common::served::Served;
-use serde_json::{json, Value};
-
-struct Response {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-    /// A chunked body ended with its final chunk.
-    complete: bool,
-}
-
-impl Response {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap()
-    }
-}
-
-fn request(addr: &str, raw: &[u8]) -> Response {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.write_all(raw).unwrap();
-    let mut r = BufReader::new(s);
-    let mut line = String::new();
-    r.read_line(&mut line).unwrap();
-    let status = line.split(' ').nth(1).unwrap().parse().unwrap();
-    let mut headers = Vec::new();
-    loop {
-        line.clear();
-        r.read_line(&mut line).unwrap();
-        let l = line.trim_end();
-        if l.is_empty() {
-            break;
-        }
-        let (n, v) = l.split_once(':').unwrap();
-        headers.push((n.trim().to_string(), v.trim().to_string()));
-    }
-    let mut res = Response {
-        status,
-        headers,
-        body: Vec::new(),
-        complete: false,
-    };
-    if res.header("transfer-encoding") == Some("chunked") {
-        loop {
-            line.clear();
-            if r.read_line(&mut line).unwrap() == 0 {
-                break; // cut short
-            }
-            let n = usize::from_str_radix(line.trim_end(), 16).unwrap();
-            if n == 0 {
-                res.complete = true;
-                break;
-            }
-            let mut data = vec![0; n + 2];
-            r.read_exact(&mut data).unwrap();
-            res.body.extend_from_slice(&data[..n]);
-        }
-    } else {
-        r.read_to_end(&mut res.body).unwrap();
-    }
-    res
-}
-
-fn post(addr: &str, body: &str) -> Response {
-    request(
-        addr,
-        format!(
-            "POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
-             Content-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .as_bytes(),
-    )
-}
-
-fn get(addr: &str, path: &str) -> Response {
-    request(
-        addr,
-        format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
-    )
-}
+use serde_json::json;
 
 #[test]
 fn speech_api_streams_wav_and_pcm_and_refuses_bad_requests() {

@@ -4,128 +4,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc::{channel, Receiver};
 use std::time::Duration;
 
 use common::served::Served;
+use common::speechd::{audio_bytes, lines, Module, Msg, WAIT};
 use serde_json::json;
-
-const WAIT: Duration = Duration::from_secs(60);
-
-#[derive(Debug, Clone, PartialEq)]
-enum Msg {
-    Line(String),
-    /// The unescaped PCM of one `705-AUDIO` block.
-    Audio(Vec<u8>),
-}
-
-struct Module {
-    child: Child,
-    stdin: ChildStdin,
-    rx: Receiver<Msg>,
-}
-
-impl Module {
-    fn start(runtime: &std::path::Path) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_voxtrald"))
-            .args(["sd-module", "/etc/speech-dispatcher/modules/voxtrald.conf"])
-            .env("XDG_RUNTIME_DIR", runtime)
-            .env("XDG_CONFIG_HOME", runtime.join("config"))
-            .env("HOME", runtime)
-            .env("RUST_BACKTRACE", "0")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stdin = child.stdin.take().unwrap();
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        let (tx, rx) = channel();
-        std::thread::spawn(move || loop {
-            let mut raw = Vec::new();
-            if out.read_until(b'\n', &mut raw).unwrap_or(0) == 0 {
-                return;
-            }
-            raw.pop();
-            let msg = match raw.strip_prefix(b"705-AUDIO\0") {
-                Some(escaped) => {
-                    let mut pcm = Vec::with_capacity(escaped.len());
-                    let mut it = escaped.iter();
-                    while let Some(&b) = it.next() {
-                        pcm.push(if b == 0x7d {
-                            it.next().unwrap() ^ 0x20
-                        } else {
-                            b
-                        });
-                    }
-                    Msg::Audio(pcm)
-                }
-                None => Msg::Line(String::from_utf8(raw).unwrap()),
-            };
-            if tx.send(msg).is_err() {
-                return;
-            }
-        });
-        Self { child, stdin, rx }
-    }
-
-    fn send(&mut self, s: &str) {
-        self.stdin.write_all(s.as_bytes()).unwrap();
-        self.stdin.flush().unwrap();
-    }
-
-    fn next(&self) -> Msg {
-        self.rx.recv_timeout(WAIT).expect("the module said nothing")
-    }
-
-    fn line(&self) -> String {
-        match self.next() {
-            Msg::Line(l) => l,
-            other => panic!("expected a line, got {other:?}"),
-        }
-    }
-
-    /// Messages up to and including the line `last`.
-    fn until(&self, last: &str) -> Vec<Msg> {
-        let mut out = Vec::new();
-        loop {
-            let m = self.next();
-            let done = m == Msg::Line(last.into());
-            out.push(m);
-            if done {
-                return out;
-            }
-        }
-    }
-
-    /// Sends a command with a data block and checks both replies.
-    fn block(&mut self, cmd: &str, first: &str, data: &str, last: &str) {
-        self.send(&format!("{cmd}\n"));
-        assert_eq!(self.line(), first, "{cmd}");
-        self.send(data);
-        assert_eq!(self.line(), last, "{cmd}");
-    }
-}
-
-fn lines(msgs: &[Msg], prefix: &str) -> Vec<String> {
-    msgs.iter()
-        .filter_map(|m| match m {
-            Msg::Line(l) if l.starts_with(prefix) => Some(l[prefix.len()..].to_string()),
-            _ => None,
-        })
-        .collect()
-}
-
-fn audio_bytes(msgs: &[Msg]) -> usize {
-    msgs.iter()
-        .map(|m| match m {
-            Msg::Audio(a) => a.len(),
-            _ => 0,
-        })
-        .sum()
-}
 
 #[test]
 fn module_protocol_speaks_through_the_daemon_with_marks_and_stops_at_once() {
@@ -256,4 +139,32 @@ fn module_without_a_daemon_refuses_init_with_the_reason() {
     );
     assert_eq!(m.line(), "399 ERR CANT INIT MODULE");
     assert!(!m.child.wait().unwrap().success());
+}
+
+#[test]
+fn a_long_message_read_at_playback_pace_is_spoken_to_the_end() {
+    // speech-dispatcher takes a module's audio as it plays it; the model here runs far faster.
+    // 200 sentences of 2 frames: 32 s of audio, read in real time.
+    let d = Served::start(
+        "[limits]\nmax_frames = 2\nclient_buffer = 8\nstall_timeout = 2\n",
+        &[],
+    );
+    let mut m = Module::start_paced(d.dir.path(), Some(24000));
+    m.init("language=en\n");
+    let text: String = (0..200).map(|i| format!("Sentence {i}. ")).collect();
+    let start = std::time::Instant::now();
+    let said = m.speak(&text);
+    assert!(
+        !said
+            .iter()
+            .any(|x| matches!(x, Msg::Line(l) if l.starts_with("703"))),
+        "stopped"
+    );
+    assert_eq!(audio_bytes(&said), 200 * 2 * 1920 * 2, "all of it");
+    // It really was read at playback pace, far slower than it was generated.
+    assert!(
+        start.elapsed() >= Duration::from_secs(31),
+        "{:?}",
+        start.elapsed()
+    );
 }

@@ -148,9 +148,11 @@ impl Job {
         if self.done {
             return Ok(None);
         }
+        // Read before taking the inbox: the worker takes the two locks the other way round.
+        let cancelled = self.is_cancelled();
         let mut inbox = lock(&self.mailbox.inbox);
         while let Some(ev) = inbox.events.pop_front() {
-            if matches!(ev, Event::Audio { .. }) && self.is_cancelled() {
+            if matches!(ev, Event::Audio { .. }) && cancelled {
                 continue;
             }
             self.done = ev.is_terminal();

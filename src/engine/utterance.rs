@@ -115,6 +115,7 @@ impl<'m> Active<'m> {
                 self.job.tx.try_send(ev)
             } else {
                 // Checked and sent under the lock, so once `cancel` returns no audio goes out.
+                // (Lock order: the cancel flag, then the mailbox; consumers never nest them.)
                 let g = lock(&self.job.control.cancelled);
                 if let Some(reason) = g.clone() {
                     drop(g);

@@ -1,7 +1,10 @@
 //! Shared test helpers: the tiny fixture, its golden arrays, and checkpoint surgery.
 #![allow(dead_code)]
 
+pub mod bus;
+pub mod http;
 pub mod served;
+pub mod speechd;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
