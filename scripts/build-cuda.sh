@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Builds voxtrald with candle's CUDA backend (cargo feature `cuda`) and copies it to dist/voxtrald-cuda.
+# Builds voxtrald with candle's CUDA backend (cargo feature `cuda`, without the sound card) and
+# copies it to dist/voxtrald-cuda, stripped and xz-compressed to dist/voxtrald-cuda.xz (what
+# travels to a GPU machine; scripts/gpu-check.sh unpacks it).
 #
 #   scripts/build-cuda.sh [extra `cargo build` args, e.g. --locked]
 #
@@ -180,7 +182,11 @@ echo "build-cuda: $("$nvcc" --version | tail -n 2 | head -n 1); CUDA_COMPUTE_CAP
     "target dir $CARGO_TARGET_DIR" >&2
 start=$SECONDS
 # JSON messages give the binary's path whatever --target/--profile was passed.
-bin=$(cargo build --release --features cuda --bin voxtrald --message-format=json-render-diagnostics "$@" |
+# The sound card (feature `playback`, ALSA) is left out unless VOXTRALD_CUDA_PLAYBACK=1: a GPU
+# machine runs a CUDA image that may have no libasound, and the check needs no speakers.
+features=(--no-default-features --features cuda)
+[[ ${VOXTRALD_CUDA_PLAYBACK:-0} == 1 ]] && features=(--features cuda)
+bin=$(cargo build --release "${features[@]}" --bin voxtrald --message-format=json-render-diagnostics "$@" |
     sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1)
 [[ -n $bin ]] || { echo "build-cuda: cargo reported no executable" >&2 && exit 1; }
 echo "build-cuda: built $bin in $((SECONDS - start)) s" >&2
@@ -192,3 +198,13 @@ ldd dist/voxtrald-cuda >&2 || true
 if ldd dist/voxtrald-cuda | grep -E 'lib(cuda|cudart|cublas|cublasLt|curand|nvrtc)\.so' >&2; then
     echo "build-cuda: warning: CUDA libraries are linked in (above); the binary needs them to start" >&2
 fi
+if readelf -d dist/voxtrald-cuda | grep -q 'NEEDED.*libasound'; then
+    echo "build-cuda: note: this binary needs libasound.so.2 (ALSA) to start" >&2
+fi
+# Stripped and compressed, it travels to the device machine with the working tree (64 MiB in
+# all); gpu-check.sh unpacks it.
+strip -o dist/voxtrald-cuda.stripped dist/voxtrald-cuda
+xz -T0 -9 -c dist/voxtrald-cuda.stripped >dist/voxtrald-cuda.xz
+rm -f dist/voxtrald-cuda.stripped
+echo "build-cuda: dist/voxtrald-cuda.xz, $(stat -c %s dist/voxtrald-cuda.xz) bytes" >&2
+scripts/device-payload.sh dist/voxtrald-cuda.xz >&2

@@ -2,13 +2,14 @@
 //! device rate and fed through a lock-free ring to the audio callback, which waits for a
 //! pre-roll before starting, fades out when the ring runs dry (and back in after refilling),
 //! and fades out on stop, so neither slow generation nor a stop ever clicks.
+//!
+//! The sound card is the cargo feature `playback` (on by default). A build without it (the
+//! CUDA check build) links no ALSA library: opening the device then fails with a clear error,
+//! and everything else (files, clients, the daemon's interfaces) works as before.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-use cpal::traits::{DeviceTrait, HostTrait, StreamTrait};
-use cpal::{FromSample, SizedSample};
 
 use super::resample::StreamResampler;
 use crate::error::{Error, Result};
@@ -60,7 +61,7 @@ impl Renderer {
     }
 
     /// Fills `out` (interleaved, `channels` per frame) with mono audio from the ring.
-    pub fn render<T: SizedSample + FromSample<f32>>(&mut self, out: &mut [T], channels: usize) {
+    pub fn render<T: DeviceSample>(&mut self, out: &mut [T], channels: usize) {
         let c = &self.controls;
         let stop = c.stop.load(Ordering::Relaxed);
         let done = c.input_done.load(Ordering::Relaxed);
@@ -106,7 +107,7 @@ impl Renderer {
             // Protect ears and speakers from out-of-range model output.
             let v = if v.is_nan() { 0.0 } else { v.clamp(-1.0, 1.0) };
             for s in frame.iter_mut() {
-                *s = T::from_sample(v);
+                *s = T::from_f32(v);
             }
         }
         if stop && self.gain == 0.0 {
@@ -128,9 +129,111 @@ impl Renderer {
     }
 }
 
+/// A sample type an output device may want.
+pub trait DeviceSample: Copy {
+    fn from_f32(v: f32) -> Self;
+}
+
+#[cfg(feature = "playback")]
+impl<T: cpal::SizedSample + cpal::FromSample<f32>> DeviceSample for T {
+    fn from_f32(v: f32) -> Self {
+        <T as cpal::Sample>::from_sample(v)
+    }
+}
+
+#[cfg(not(feature = "playback"))]
+impl DeviceSample for f32 {
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+}
+
+#[cfg(feature = "playback")]
+type Stream = cpal::Stream;
+/// Without the sound card no stream can exist.
+#[cfg(not(feature = "playback"))]
+type Stream = std::convert::Infallible;
+
+/// An output device, opened and fed by a ring.
+struct Opened {
+    stream: Stream,
+    ring: rtrb::Producer<f32>,
+    controls: Arc<Controls>,
+    rate: u32,
+    channels: u16,
+    device_name: String,
+}
+
+#[cfg(not(feature = "playback"))]
+fn open_device() -> Result<Opened> {
+    Err(Error::Audio(
+        "this voxtrald was built without sound output (cargo feature `playback`): write to a \
+         file with --out, or use a build with it"
+            .into(),
+    ))
+}
+
+#[cfg(feature = "playback")]
+fn open_device() -> Result<Opened> {
+    use cpal::traits::{DeviceTrait, HostTrait, StreamTrait};
+    let host = cpal::default_host();
+    let device = host
+        .default_output_device()
+        .ok_or_else(|| Error::Audio("no audio output device found".into()))?;
+    let device_name = device.to_string();
+    let supported = device.default_output_config().map_err(|e| {
+        device_error(
+            &format!("the audio device {device_name} is not available"),
+            e,
+        )
+    })?;
+    let config = supported.config();
+    let rate = config.sample_rate;
+    let channels = config.channels;
+    let (producer, consumer) = rtrb::RingBuffer::new((rate * RING_SECONDS) as usize);
+    let controls = Arc::new(Controls::default());
+    let mut renderer = Renderer::new(controls.clone(), consumer, rate);
+    let ch = channels as usize;
+    let err = |e: cpal::Error| tracing::warn!(error = %e, "audio stream error");
+    macro_rules! build {
+        ($t:ty) => {
+            device.build_output_stream::<$t, _, _>(
+                config.clone(),
+                move |out: &mut [$t], _| renderer.render(out, ch),
+                err,
+                None,
+            )
+        };
+    }
+    let stream = match supported.sample_format() {
+        cpal::SampleFormat::F32 => build!(f32),
+        cpal::SampleFormat::I16 => build!(i16),
+        cpal::SampleFormat::U16 => build!(u16),
+        cpal::SampleFormat::I32 => build!(i32),
+        cpal::SampleFormat::F64 => build!(f64),
+        other => {
+            return Err(Error::Audio(format!(
+                "the audio device {device_name} wants unsupported sample format {other:?}"
+            )))
+        }
+    }
+    .map_err(|e| device_error(&format!("cannot open the audio device {device_name}"), e))?;
+    stream
+        .play()
+        .map_err(|e| device_error(&format!("cannot start the audio device {device_name}"), e))?;
+    Ok(Opened {
+        stream,
+        ring: producer,
+        controls,
+        rate,
+        channels,
+        device_name,
+    })
+}
+
 /// An open output stream with its feeding side.
 pub struct Player {
-    _stream: cpal::Stream,
+    _stream: Stream,
     ring: rtrb::Producer<f32>,
     controls: Arc<Controls>,
     resampler: StreamResampler,
@@ -148,61 +251,17 @@ fn device_error(what: &str, e: impl std::fmt::Display) -> Error {
 impl Player {
     /// Opens the default output device for audio at `source_rate`.
     pub fn open_default(source_rate: u32) -> Result<Self> {
-        let host = cpal::default_host();
-        let device = host
-            .default_output_device()
-            .ok_or_else(|| Error::Audio("no audio output device found".into()))?;
-        let device_name = device.to_string();
-        let supported = device.default_output_config().map_err(|e| {
-            device_error(
-                &format!("the audio device {device_name} is not available"),
-                e,
-            )
-        })?;
-        let config = supported.config();
-        let rate = config.sample_rate;
-        let channels = config.channels;
-        let (producer, consumer) = rtrb::RingBuffer::new((rate * RING_SECONDS) as usize);
-        let controls = Arc::new(Controls::default());
-        let mut renderer = Renderer::new(controls.clone(), consumer, rate);
-        let ch = channels as usize;
-        let err = |e: cpal::Error| tracing::warn!(error = %e, "audio stream error");
-        macro_rules! build {
-            ($t:ty) => {
-                device.build_output_stream::<$t, _, _>(
-                    config.clone(),
-                    move |out: &mut [$t], _| renderer.render(out, ch),
-                    err,
-                    None,
-                )
-            };
-        }
-        let stream = match supported.sample_format() {
-            cpal::SampleFormat::F32 => build!(f32),
-            cpal::SampleFormat::I16 => build!(i16),
-            cpal::SampleFormat::U16 => build!(u16),
-            cpal::SampleFormat::I32 => build!(i32),
-            cpal::SampleFormat::F64 => build!(f64),
-            other => {
-                return Err(Error::Audio(format!(
-                    "the audio device {device_name} wants unsupported sample format {other:?}"
-                )))
-            }
-        }
-        .map_err(|e| device_error(&format!("cannot open the audio device {device_name}"), e))?;
-        stream.play().map_err(|e| {
-            device_error(&format!("cannot start the audio device {device_name}"), e)
-        })?;
-        tracing::info!(device = %device_name, rate, channels, "playback opened");
+        let o = open_device()?;
+        tracing::info!(device = %o.device_name, rate = o.rate, channels = o.channels, "playback opened");
         Ok(Self {
-            _stream: stream,
-            ring: producer,
-            controls,
-            resampler: StreamResampler::new(source_rate, rate)?,
-            device_rate: rate,
+            _stream: o.stream,
+            ring: o.ring,
+            controls: o.controls,
+            resampler: StreamResampler::new(source_rate, o.rate)?,
+            device_rate: o.rate,
             source_rate,
-            channels,
-            device_name,
+            channels: o.channels,
+            device_name: o.device_name,
             scratch: Vec::new(),
         })
     }
