@@ -244,6 +244,7 @@ pub struct Player {
     scratch: Vec<f32>,
 }
 
+#[cfg(feature = "playback")]
 fn device_error(what: &str, e: impl std::fmt::Display) -> Error {
     Error::Audio(format!("{what}: {e}"))
 }
