@@ -10,8 +10,32 @@ use anyhow::Context;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::frontends;
-use crate::service::Speech;
-use crate::settings::Settings;
+use crate::service::{Listening, Speech};
+use crate::settings::{ListenAddr, Settings};
+
+/// The Wyoming server's listener.
+enum WyomingListener {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener, PathBuf),
+}
+
+fn bind_wyoming(addr: &ListenAddr) -> anyhow::Result<WyomingListener> {
+    Ok(match addr {
+        ListenAddr::Tcp(a) => {
+            if !a.ip().is_loopback() {
+                tracing::warn!(
+                    address = %a,
+                    "the Wyoming server listens beyond this machine: the protocol has no \
+                     authentication, anyone who can reach {a} can make it speak"
+                );
+            }
+            let l = std::net::TcpListener::bind(a).with_context(|| format!("listening on {a}"))?;
+            l.set_nonblocking(true)?;
+            WyomingListener::Tcp(tokio::net::TcpListener::from_std(l)?)
+        }
+        ListenAddr::Unix(p) => WyomingListener::Unix(frontends::socket::bind(p)?, p.clone()),
+    })
+}
 
 /// Runs the daemon until a signal stops it.
 pub fn run(settings: Settings) -> anyhow::Result<()> {
@@ -21,7 +45,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let (listener, http_listener, mut term, mut int) = {
+    let (listener, http_listener, wyoming_listener, mut term, mut int) = {
         let _g = rt.enter();
         let http = match settings.http {
             Some(addr) => {
@@ -32,23 +56,36 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
             }
             None => None,
         };
+        let wyoming = settings.wyoming.as_ref().map(bind_wyoming).transpose()?;
         (
             frontends::socket::bind(&path)?,
             http,
+            wyoming,
             signal(SignalKind::terminate())?,
             signal(SignalKind::interrupt())?,
         )
     };
-    let http_addr = match &http_listener {
-        Some(l) => Some(l.local_addr()?.to_string()),
-        None => None,
+    let listening = Listening {
+        http: match &http_listener {
+            Some(l) => Some(l.local_addr()?.to_string()),
+            None => None,
+        },
+        wyoming: match &wyoming_listener {
+            Some(WyomingListener::Tcp(l)) => Some(l.local_addr()?.to_string()),
+            Some(WyomingListener::Unix(_, p)) => Some(format!("unix://{}", p.display())),
+            None => None,
+        },
     };
     let path_guard = RemoveOnDrop(path.clone());
+    let _wyoming_guard = match &wyoming_listener {
+        Some(WyomingListener::Unix(_, p)) => Some(RemoveOnDrop(p.clone())),
+        _ => None,
+    };
     let model = Arc::new(settings.model.load()?);
     let voice = settings.voice.clone();
     let use_dbus = settings.dbus;
     let speech = Arc::new(
-        Speech::new(model, settings, http_addr)
+        Speech::new(model, settings, listening)
             .with_context(|| format!("default voice {voice:?}"))?,
     );
     rt.block_on(async move {
@@ -60,7 +97,16 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
             stop_rx.clone(),
         ));
         if let Some(l) = http_listener {
-            tokio::spawn(frontends::http::serve(speech.clone(), l, stop_rx));
+            tokio::spawn(frontends::http::serve(speech.clone(), l, stop_rx.clone()));
+        }
+        match wyoming_listener {
+            Some(WyomingListener::Tcp(l)) => {
+                tokio::spawn(frontends::wyoming::serve(speech.clone(), l, stop_rx));
+            }
+            Some(WyomingListener::Unix(l, _)) => {
+                tokio::spawn(frontends::wyoming::serve(speech.clone(), l, stop_rx));
+            }
+            None => {}
         }
         let bus = if use_dbus {
             match frontends::serve_dbus(speech.clone()).await {

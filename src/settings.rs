@@ -80,6 +80,34 @@ impl TryFrom<String> for LoopbackAddr {
     }
 }
 
+/// Where the Wyoming server listens: `"127.0.0.1:10200"` (any address written out, with a
+/// warning when it is not loopback) or `"unix:///path/to/socket"`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl TryFrom<String> for ListenAddr {
+    type Error = String;
+
+    fn try_from(s: String) -> std::result::Result<Self, String> {
+        if let Some(path) = s
+            .strip_prefix("unix://")
+            .or_else(|| s.strip_prefix("unix:"))
+        {
+            if !path.starts_with('/') {
+                return Err(format!("{s:?}: a Unix socket path must be absolute"));
+            }
+            return Ok(ListenAddr::Unix(PathBuf::from(path)));
+        }
+        s.parse().map(ListenAddr::Tcp).map_err(|_| {
+            format!("{s:?} is not an address such as \"127.0.0.1:10200\" or \"unix:///path\"")
+        })
+    }
+}
+
 /// The config file as written.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -106,6 +134,8 @@ pub struct Config {
     /// Serve the OpenAI-style speech API on this loopback address, e.g. `"127.0.0.1:8880"`
     /// (default: not at all).
     pub http: Option<LoopbackAddr>,
+    /// Serve the Wyoming protocol (Home Assistant) here (default: not at all).
+    pub wyoming: Option<ListenAddr>,
     #[serde(default)]
     pub limits: Limits,
     /// Pronunciations: written form = spoken form, whole words, any case.
@@ -370,6 +400,7 @@ pub struct Settings {
     socket: Option<PathBuf>,
     pub dbus: bool,
     pub http: Option<SocketAddr>,
+    pub wyoming: Option<ListenAddr>,
     pub limits: Limits,
     pub lexicon: Option<Arc<Lexicon>>,
 }
@@ -392,6 +423,7 @@ impl Settings {
             socket: o.socket.or(cfg.socket.clone()),
             dbus: !o.no_dbus && cfg.dbus.unwrap_or(true),
             http: cfg.http.map(|a| a.0),
+            wyoming: cfg.wyoming.clone(),
             lexicon: cfg.lexicon()?.map(Arc::new),
             limits: cfg.limits,
         })
@@ -469,6 +501,12 @@ mod tests {
         assert_eq!(c.max_memory, Some(ByteSize(6 << 30)));
         assert_eq!(c.http.unwrap().0.port(), 8880);
         assert!(parse("quant = \"plain\"").is_err());
+        let c = parse("wyoming = \"unix:///run/x.sock\"").unwrap();
+        assert_eq!(c.wyoming, Some(ListenAddr::Unix("/run/x.sock".into())));
+        let c = parse("wyoming = \"0.0.0.0:10200\"").unwrap();
+        assert!(matches!(c.wyoming, Some(ListenAddr::Tcp(a)) if a.port() == 10200));
+        assert!(parse("wyoming = \"unix:relative\"").is_err());
+        assert!(parse("wyoming = \"somewhere\"").is_err());
     }
 
     #[test]

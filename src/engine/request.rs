@@ -75,6 +75,7 @@ pub enum Interface {
     Spiel,
     Control,
     Http,
+    Wyoming,
     /// `voxtrald say` and `bench` in their own process.
     #[default]
     Local,
@@ -87,6 +88,7 @@ impl std::fmt::Display for Interface {
             Interface::Spiel => "spiel",
             Interface::Control => "control",
             Interface::Http => "http",
+            Interface::Wyoming => "wyoming",
             Interface::Local => "local",
         })
     }

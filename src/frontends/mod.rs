@@ -4,13 +4,15 @@
 //! - `socket.rs` (+ `protocol.rs`, its messages): the per-user Unix socket, JSON lines;
 //! - `spiel.rs`: the freedesktop speech provider on D-Bus;
 //! - `control.rs`: the daemon's own D-Bus control interface;
-//! - `http.rs`: the OpenAI-style speech API.
+//! - `http.rs`: the OpenAI-style speech API;
+//! - `wyoming.rs`: the Wyoming protocol, for Home Assistant.
 
 pub mod control;
 pub mod http;
 pub mod protocol;
 pub mod socket;
 pub mod spiel;
+pub mod wyoming;
 
 use std::sync::Arc;
 

@@ -74,6 +74,15 @@ pub struct Status {
     pub peak_rss_bytes: u64,
     /// The speech API's address, when one is served.
     pub http: Option<String>,
+    /// The Wyoming server's address, when one is served.
+    pub wyoming: Option<String>,
+}
+
+/// Network listeners the daemon serves, as they are bound (a port 0 resolved), for `status`.
+#[derive(Debug, Clone, Default)]
+pub struct Listening {
+    pub http: Option<String>,
+    pub wyoming: Option<String>,
 }
 
 pub struct Speech {
@@ -81,13 +90,12 @@ pub struct Speech {
     speaker: Arc<Speaker>,
     settings: Settings,
     model_dir: PathBuf,
-    /// Addresses of network listeners, for `status`.
-    http: Option<String>,
+    listening: Listening,
 }
 
 impl Speech {
     /// The service over a loaded model; the default voice must exist.
-    pub fn new(model: Arc<Voxtral>, settings: Settings, http: Option<String>) -> Result<Self> {
+    pub fn new(model: Arc<Voxtral>, settings: Settings, listening: Listening) -> Result<Self> {
         model.voice(&settings.voice)?;
         let speaker = Arc::new(Speaker::new(model.sample_rate(), settings.volume));
         Ok(Self {
@@ -95,7 +103,7 @@ impl Speech {
             engine: Arc::new(Engine::new(model, settings.engine_config())),
             speaker,
             settings,
-            http,
+            listening,
         })
     }
 
@@ -173,7 +181,8 @@ impl Speech {
             queue: self.engine.queue_len(),
             paused: self.speaker.is_paused(),
             peak_rss_bytes: peak_rss_bytes(),
-            http: self.http.clone(),
+            http: self.listening.http.clone(),
+            wyoming: self.listening.wyoming.clone(),
         }
     }
 
