@@ -6,7 +6,7 @@ mod common;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 
-use common::http::{get, post, request};
+use common::http::{get, post, read_response, request};
 use common::served::Served;
 use serde_json::json;
 
@@ -45,10 +45,10 @@ fn speech_api_streams_wav_and_pcm_and_refuses_bad_requests() {
     assert_eq!(pcm.header("content-type"), Some("audio/pcm"));
     assert!(pcm.complete);
     assert_eq!(pcm.body.len(), want);
-    // WAV (the default format), an OpenAI voice name, a voice object, speed.
+    // WAV, an OpenAI voice name, a voice object, speed.
     let wav = post(
         &addr,
-        r#"{"input": "One here. Two there.", "voice": "alloy"}"#,
+        r#"{"input": "One here. Two there.", "voice": "alloy", "response_format": "wav"}"#,
     );
     assert_eq!(wav.status, 200);
     assert_eq!(wav.header("content-type"), Some("audio/wav"));
@@ -66,7 +66,7 @@ fn speech_api_streams_wav_and_pcm_and_refuses_bad_requests() {
     assert_eq!(fast.status, 200);
     assert_eq!(fast.body.len(), want / 2);
 
-    let bad: [(&str, u16, &str); 7] = [
+    let bad: [(&str, u16, &str); 8] = [
         (r#"{"voice": "alloy"}"#, 400, "input"),
         (
             r#"{"input": "hi", "voice": "nobody"}"#,
@@ -74,9 +74,14 @@ fn speech_api_streams_wav_and_pcm_and_refuses_bad_requests() {
             "unknown voice",
         ),
         (
-            r#"{"input": "hi", "response_format": "mp3"}"#,
+            r#"{"input": "hi", "response_format": "aac"}"#,
             400,
-            "\"wav\"",
+            "\"mp3\"",
+        ),
+        (
+            r#"{"input": "hi", "response_format": "ogg"}"#,
+            400,
+            "'response_format'",
         ),
         (r#"{"input": "   "}"#, 400, "empty"),
         (r#"{"input": "hi", "speed": 9}"#, 400, "'speed'"),
@@ -132,6 +137,37 @@ fn speech_api_streams_wav_and_pcm_and_refuses_bad_requests() {
         .status,
         200
     );
+}
+
+#[test]
+fn two_requests_on_one_keep_alive_connection() {
+    let d = Served::start("http = \"127.0.0.1:0\"\n[limits]\nmax_frames = 3\n", &[]);
+    let addr = d.connect().call(json!({"op": "status"}))["http"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let s = TcpStream::connect(&addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .unwrap();
+    let mut w = s.try_clone().unwrap();
+    let mut r = std::io::BufReader::new(s);
+    let body = r#"{"input": "Hello.", "response_format": "pcm"}"#;
+    for _ in 0..2 {
+        write!(
+            w,
+            "POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let res = read_response(&mut r);
+        assert_eq!(res.status, 200);
+        assert!(res.complete);
+        assert_eq!(res.body.len(), 3 * 1920 * 2);
+    }
+    write!(w, "GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let models = read_response(&mut r);
+    assert_eq!(models.json()["data"][0]["id"], "voxtral-4b-tts");
 }
 
 #[test]

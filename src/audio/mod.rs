@@ -2,6 +2,7 @@
 //! headers (`wav`), speaking rate and pitch (`prosody`, `stretch`, `resample`), and the sound
 //! card (`playback`).
 
+pub mod encode;
 pub mod pcm;
 pub mod playback;
 pub mod prosody;

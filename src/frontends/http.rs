@@ -1,165 +1,100 @@
 //! The OpenAI-style speech API (`POST /v1/audio/speech`, `GET /v1/audio/voices`,
-//! `GET /v1/models`), for tools that speak it (Open WebUI and the like). Off unless the config
-//! names an address, and loopback only. HTTP/1.1, one request per connection; the audio is
-//! streamed as it is generated (chunked), as WAV (the default here: there is no MP3 encoder) or
-//! bare 16-bit PCM.
+//! `GET /v1/audio/models`, `GET /v1/models`, `GET /v1/status`), for tools that speak it (Open
+//! WebUI, LibreChat, Home Assistant's OpenAI TTS, the `openai` SDK). Off unless the config names
+//! a loopback address. HTTP/1.1 with keep-alive (axum on hyper). The audio is streamed as it is
+//! generated (chunked), in MP3 (the API's default), FLAC, WAV or bare PCM, or as server-sent
+//! events; a client that goes away cancels its job.
 
 use std::sync::Arc;
 
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::audio::pcm::s16le;
-use crate::audio::wav::streaming_header;
+use crate::audio::encode::{Encoder, Encoding};
 use crate::engine::{Destination, Event, Interface};
 use crate::service::{scales, Request as SpeechRequest, Speaking, Speech};
-
-/// Largest request head (request line and headers).
-const MAX_HEAD: usize = 16 * 1024;
 
 pub async fn serve(
     speech: Arc<Speech>,
     listener: TcpListener,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    loop {
-        tokio::select! {
-            r = listener.accept() => match r {
-                Ok((stream, _)) => {
-                    let d = speech.clone();
-                    tokio::spawn(async move { connection(d, stream).await });
-                }
-                Err(e) => tracing::warn!(error = %e, "http accept failed"),
-            },
-            _ = shutdown.changed() => break,
-        }
+    let limit = speech.settings().limits.max_request_bytes;
+    let app = Router::new()
+        .route("/v1/audio/speech", post(speech_route))
+        .route("/v1/audio/voices", get(voices))
+        .route("/v1/audio/models", get(models))
+        .route("/v1/models", get(models))
+        .route("/v1/status", get(status))
+        .method_not_allowed_fallback(not_allowed)
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(speech);
+    let stop = async move {
+        let _ = shutdown.changed().await;
+    };
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(stop)
+        .await
+    {
+        tracing::warn!(error = %e, "the speech API stopped");
     }
 }
 
-struct Request {
-    method: String,
-    path: String,
-    body: Vec<u8>,
-}
-
-/// An answer that is not audio: status and JSON.
-struct Reply(u16, Value);
-
-fn error(status: u16, message: impl Into<String>) -> Reply {
-    let kind = if status < 500 {
+/// An error in the API's own shape.
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    let kind = if status.is_client_error() {
         "invalid_request_error"
     } else {
         "server_error"
     };
-    Reply(
-        status,
-        json!({"error": {"message": message.into(), "type": kind}}),
+    let body =
+        json!({"error": {"message": message.into(), "type": kind, "param": null, "code": null}});
+    (status, axum::Json(body)).into_response()
+}
+
+async fn not_found(uri: Uri) -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        format!("no such endpoint: {}", uri.path()),
     )
 }
 
-async fn connection(speech: Arc<Speech>, mut stream: TcpStream) {
-    let limit = speech.settings().limits.max_request_bytes;
-    let req = match read_request(&mut stream, limit).await {
-        Ok(r) => r,
-        Err(reply) => {
-            let _ = write_json(&mut stream, reply).await;
-            return;
-        }
-    };
-    let reply = match (req.method.as_str(), req.path.as_str()) {
-        ("POST", "/v1/audio/speech") => match speech_request(&speech, &req.body) {
-            Ok((r, format)) => return speak(speech, stream, r, format).await,
-            Err(reply) => reply,
-        },
-        ("GET", "/v1/audio/voices") => {
-            let voices: Vec<Value> = speech
-                .voices()
-                .into_iter()
-                .map(|v| {
-                    json!({"id": v.id, "name": v.id, "language": v.language,
-                           "gender": v.gender, "description": v.display_name})
-                })
-                .collect();
-            Reply(200, json!({"voices": voices}))
-        }
-        ("GET", "/v1/status") => Reply(200, json!(speech.status())),
-        ("GET", "/v1/models" | "/v1/audio/models") => {
-            let m = json!({"id": "voxtral-4b-tts", "object": "model", "owned_by": "mistralai"});
-            Reply(
-                200,
-                json!({"object": "list", "data": [m.clone()], "models": [m]}),
-            )
-        }
-        (
-            _,
-            "/v1/audio/speech" | "/v1/audio/voices" | "/v1/models" | "/v1/audio/models"
-            | "/v1/status",
-        ) => error(
-            405,
-            format!("{} is not allowed on {}", req.method, req.path),
-        ),
-        _ => error(404, format!("no such endpoint: {}", req.path)),
-    };
-    let _ = write_json(&mut stream, reply).await;
+async fn not_allowed(method: Method, uri: Uri) -> Response {
+    error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{method} is not allowed on {}", uri.path()),
+    )
 }
 
-async fn read_request(stream: &mut TcpStream, max_body: usize) -> Result<Request, Reply> {
-    let mut buf = Vec::new();
-    let head_end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i;
-        }
-        if buf.len() > MAX_HEAD {
-            return Err(error(431, "the request head is too large"));
-        }
-        let mut chunk = [0u8; 4096];
-        match stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => return Err(error(400, "the request ended early")),
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    };
-    let head = std::str::from_utf8(&buf[..head_end])
-        .map_err(|_| error(400, "the request head is not UTF-8"))?;
-    let mut lines = head.split("\r\n");
-    let mut first = lines.next().unwrap_or("").split(' ');
-    let (method, target) = match (first.next(), first.next(), first.next()) {
-        (Some(m), Some(t), Some(v)) if v.starts_with("HTTP/1.") => (m.to_string(), t),
-        _ => return Err(error(400, "not an HTTP/1.x request line")),
-    };
-    let path = target.split('?').next().unwrap_or("").to_string();
-    let mut length = 0usize;
-    for line in lines {
-        let Some((name, value)) = line.split_once(':') else {
-            return Err(error(400, format!("bad header line {line:?}")));
-        };
-        let (name, value) = (name.trim().to_ascii_lowercase(), value.trim());
-        if name == "content-length" {
-            length = value
-                .parse()
-                .map_err(|_| error(400, "bad Content-Length"))?;
-        } else if name == "transfer-encoding" && !value.eq_ignore_ascii_case("identity") {
-            return Err(error(411, "send the body with a Content-Length"));
-        }
-    }
-    if length > max_body {
-        return Err(error(
-            413,
-            format!("the body is {length} bytes; the limit is {max_body}"),
-        ));
-    }
-    let mut body = buf.split_off(head_end + 4);
-    while body.len() < length {
-        let mut chunk = vec![0u8; (length - body.len()).min(64 * 1024)];
-        match stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => return Err(error(400, "the body ended early")),
-            Ok(n) => body.extend_from_slice(&chunk[..n]),
-        }
-    }
-    body.truncate(length);
-    Ok(Request { method, path, body })
+async fn voices(State(speech): State<Arc<Speech>>) -> Response {
+    let voices: Vec<Value> = speech
+        .voices()
+        .into_iter()
+        .map(|v| {
+            json!({"id": v.id, "name": v.id, "language": v.language,
+                   "gender": v.gender, "description": v.display_name})
+        })
+        .collect();
+    axum::Json(json!({"voices": voices})).into_response()
+}
+
+async fn models() -> Response {
+    let m = json!({"id": "voxtral-4b-tts", "object": "model", "owned_by": "mistralai"});
+    axum::Json(json!({"object": "list", "data": [m.clone()], "models": [m]})).into_response()
+}
+
+async fn status(State(speech): State<Arc<Speech>>) -> Response {
+    axum::Json(json!(speech.status())).into_response()
 }
 
 #[derive(Deserialize)]
@@ -169,6 +104,8 @@ enum VoiceField {
     Object { id: String },
 }
 
+/// The request body; fields the API has and we do not use (`model`, `instructions`, ...) are
+/// accepted and ignored.
 #[derive(Deserialize)]
 struct SpeechBody {
     input: String,
@@ -180,17 +117,6 @@ struct SpeechBody {
     speed: Option<f32>,
     #[serde(default)]
     stream_format: Option<String>,
-    /// Accepted and ignored: there is one model, and no style prompt.
-    #[serde(default, rename = "model")]
-    _model: Option<Value>,
-    #[serde(default, rename = "instructions")]
-    _instructions: Option<Value>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Format {
-    Wav,
-    Pcm,
 }
 
 /// OpenAI's voice names (every built-in one its SDK lists), mapped onto this model's English
@@ -203,25 +129,46 @@ fn openai_voice(name: &str) -> Option<&'static str> {
     }
 }
 
-fn speech_request(speech: &Speech, body: &[u8]) -> Result<(SpeechRequest, Format), Reply> {
+/// How the body carries the audio.
+#[derive(Clone, Copy)]
+struct Delivery {
+    encoding: Encoding,
+    sse: bool,
+}
+
+/// The request, or why it is a bad one (a 400).
+fn parse(speech: &Speech, body: &[u8]) -> Result<(SpeechRequest, Delivery), String> {
+    let bad = |m: String| m;
     let b: SpeechBody =
-        serde_json::from_slice(body).map_err(|e| error(400, format!("bad request body: {e}")))?;
-    let format = match b.response_format.as_deref().unwrap_or("wav") {
-        "wav" => Format::Wav,
-        "pcm" => Format::Pcm,
+        serde_json::from_slice(body).map_err(|e| bad(format!("bad request body: {e}")))?;
+    // Absent means MP3, as in OpenAI's API (and what most clients then expect).
+    let encoding = match b.response_format.as_deref().unwrap_or("mp3") {
+        "mp3" => Encoding::Mp3,
+        "flac" => Encoding::Flac,
+        "wav" => Encoding::Wav,
+        "pcm" => Encoding::Pcm,
+        other @ ("opus" | "aac") => {
+            return Err(bad(format!(
+                "response_format {other:?} is not available in this voxtrald; use \"mp3\", \
+                 \"flac\", \"wav\" or \"pcm\""
+            )))
+        }
         other => {
-            return Err(error(
-                400,
-                format!("response_format {other:?} is not available here; use \"wav\" or \"pcm\""),
-            ))
+            return Err(bad(format!(
+                "{other:?} is not one of 'mp3', 'opus', 'aac', 'flac', 'wav', 'pcm' - \
+                 'response_format'"
+            )))
         }
     };
-    if let Some(sf) = b.stream_format.as_deref().filter(|s| *s != "audio") {
-        return Err(error(
-            400,
-            format!("stream_format {sf:?} is not available; use \"audio\""),
-        ));
-    }
+    let sse = match b.stream_format.as_deref() {
+        None | Some("audio") => false,
+        Some("sse") => true,
+        Some(other) => {
+            return Err(bad(format!(
+                "{other:?} is not one of 'sse', 'audio' - 'stream_format'"
+            )))
+        }
+    };
     let mut r = SpeechRequest::new(b.input, Interface::Http, Destination::Client);
     r.voice = match &b.voice {
         None => None,
@@ -230,99 +177,117 @@ fn speech_request(speech: &Speech, body: &[u8]) -> Result<(SpeechRequest, Format
             match (known, openai_voice(n)) {
                 (true, _) => Some(n.clone()),
                 (false, Some(v)) => Some(v.to_string()),
-                (false, None) => return Err(error(400, format!("unknown voice {n:?}"))),
+                (false, None) => return Err(bad(format!("unknown voice {n:?}"))),
             }
         }
     };
     if let Some(speed) = b.speed {
-        r.rate = scales::openai_speed(speed).map_err(|e| error(400, e))?;
+        r.rate = scales::openai_speed(speed).map_err(bad)?;
     }
-    Ok((r, format))
+    Ok((r, Delivery { encoding, sse }))
 }
 
-async fn write_json(stream: &mut TcpStream, Reply(status, body): Reply) -> std::io::Result<()> {
-    let body = body.to_string();
-    let head = format!(
-        "HTTP/1.1 {status} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
-         Connection: close\r\n\r\n",
-        reason(status),
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
-    stream.shutdown().await
-}
-
-fn reason(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        411 => "Length Required",
-        413 => "Content Too Large",
-        431 => "Request Header Fields Too Large",
-        _ => "Internal Server Error",
-    }
-}
-
-async fn chunk(stream: &mut TcpStream, data: &[u8]) -> std::io::Result<()> {
-    if data.is_empty() {
-        return Ok(());
-    }
-    stream
-        .write_all(format!("{:x}\r\n", data.len()).as_bytes())
-        .await?;
-    stream.write_all(data).await?;
-    stream.write_all(b"\r\n").await
-}
-
-/// Submits the job and streams its audio. Bad input is a JSON error before any audio; a job
-/// that fails later cuts the stream short (no final chunk), which clients see as an error; a
-/// client that goes away drops, so cancels, the job.
-async fn speak(speech: Arc<Speech>, mut stream: TcpStream, req: SpeechRequest, format: Format) {
+async fn speech_route(
+    State(speech): State<Arc<Speech>>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => return error(e.status(), e.body_text()),
+    };
+    let (req, delivery) = match parse(&speech, &body) {
+        Ok(r) => r,
+        Err(why) => return error(StatusCode::BAD_REQUEST, why),
+    };
     let job = match speech.speak_async(req).await {
         Ok(job) => job,
-        Err(crate::Error::Internal(e)) => {
-            let _ = write_json(&mut stream, error(500, e)).await;
-            return;
-        }
-        Err(e) => {
-            let _ = write_json(&mut stream, error(400, e.to_string())).await;
-            return;
-        }
+        Err(crate::Error::Internal(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
     };
-    let content_type = match format {
-        Format::Wav => "audio/wav",
-        Format::Pcm => "audio/pcm",
+    let encoder = match delivery.encoding.encoder(speech.sample_rate()) {
+        Ok(e) => e,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };
-    let head = format!(
-        "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nTransfer-Encoding: chunked\r\n\
-         X-Sample-Rate: {}\r\nConnection: close\r\n\r\n",
-        speech.sample_rate()
+    let content_type = if delivery.sse {
+        "text/event-stream"
+    } else {
+        delivery.encoding.content_type()
+    };
+    let chars = body.len();
+    let stream = futures_util::stream::unfold(
+        Some(Outgoing {
+            job,
+            encoder,
+            sse: delivery.sse,
+            chars,
+        }),
+        |state| async move {
+            let mut s = state?;
+            match s.next_piece().await {
+                Some(Ok(bytes)) => Some((Ok(bytes), Some(s))),
+                Some(Err(e)) => Some((Err(e), None)),
+                None => None,
+            }
+        },
     );
-    let mut sent = stream.write_all(head.as_bytes()).await;
-    if sent.is_ok() && format == Format::Wav {
-        sent = chunk(&mut stream, &streaming_header(speech.sample_rate())).await;
-    }
-    if sent.is_ok() && stream_body(job, &mut stream).await.unwrap_or(false) {
-        let _ = stream.write_all(b"0\r\n\r\n").await;
-    }
-    let _ = stream.shutdown().await;
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, content_type)
+        .header("X-Sample-Rate", speech.sample_rate())
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
 }
 
-/// The job's audio as chunks; true if it finished.
-async fn stream_body(mut job: Speaking, stream: &mut TcpStream) -> std::io::Result<bool> {
-    while let Some(ev) = job.next().await {
-        match ev {
-            Event::Audio { samples, .. } => chunk(stream, &s16le(&samples)).await?,
-            Event::Finished { .. } => return Ok(true),
-            Event::Failed { reason } | Event::Cancelled { reason } => {
-                tracing::warn!(job = job.id, %reason, "http speech ended early");
-                return Ok(false);
+/// A response body being made: the job's audio through the encoder. Dropping it (the client
+/// went away) drops the job, which cancels it.
+struct Outgoing {
+    job: Speaking,
+    encoder: Box<dyn Encoder>,
+    sse: bool,
+    chars: usize,
+}
+
+impl Outgoing {
+    /// The next bytes to send; `None` at the end; an error cuts the response short (no final
+    /// chunk), which clients see as a failed transfer.
+    async fn next_piece(&mut self) -> Option<Result<Bytes, std::io::Error>> {
+        loop {
+            let ev = self.job.next().await?;
+            let (bytes, last) = match ev {
+                Event::Audio { samples, .. } => (self.encoder.push(&samples), false),
+                Event::Finished { .. } => (self.encoder.finish(), true),
+                Event::Failed { reason } | Event::Cancelled { reason } => {
+                    tracing::warn!(job = self.job.id, %reason, "http speech ended early");
+                    return Some(Err(std::io::Error::other(reason)));
+                }
+                _ => continue,
+            };
+            let bytes = match bytes {
+                Ok(b) => b,
+                Err(e) => return Some(Err(std::io::Error::other(e.to_string()))),
+            };
+            if !self.sse {
+                if bytes.is_empty() && !last {
+                    continue;
+                }
+                return Some(Ok(Bytes::from(bytes)));
             }
-            _ => {}
+            let mut out = String::new();
+            if !bytes.is_empty() {
+                let audio = base64::engine::general_purpose::STANDARD.encode(&bytes);
+                let delta = json!({"type": "speech.audio.delta", "audio": audio});
+                out.push_str(&format!("data: {delta}\n\n"));
+            }
+            if last {
+                let usage = json!({"input_tokens": self.chars, "output_tokens": 0,
+                                   "total_tokens": self.chars});
+                let done = json!({"type": "speech.audio.done", "usage": usage});
+                out.push_str(&format!("data: {done}\n\n"));
+            }
+            if out.is_empty() {
+                continue;
+            }
+            return Some(Ok(Bytes::from(out)));
         }
     }
-    Ok(false)
 }

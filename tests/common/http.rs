@@ -33,7 +33,11 @@ pub fn request(addr: &str, raw: &[u8]) -> Response {
     s.set_read_timeout(Some(std::time::Duration::from_secs(60)))
         .unwrap();
     s.write_all(raw).unwrap();
-    let mut r = BufReader::new(s);
+    read_response(&mut BufReader::new(s))
+}
+
+/// One response from a connection that may carry more (keep-alive).
+pub fn read_response(r: &mut BufReader<TcpStream>) -> Response {
     let mut line = String::new();
     r.read_line(&mut line).unwrap();
     let status = line.split(' ').nth(1).unwrap().parse().unwrap();
@@ -62,6 +66,9 @@ pub fn request(addr: &str, raw: &[u8]) -> Response {
             }
             let n = usize::from_str_radix(line.trim_end(), 16).unwrap();
             if n == 0 {
+                // The (empty) trailer ends the body.
+                line.clear();
+                r.read_line(&mut line).unwrap();
                 res.complete = true;
                 break;
             }
@@ -69,6 +76,10 @@ pub fn request(addr: &str, raw: &[u8]) -> Response {
             r.read_exact(&mut data).unwrap();
             res.body.extend_from_slice(&data[..n]);
         }
+    } else if let Some(n) = res.header("content-length") {
+        // Keep-alive: the body is exactly that long.
+        res.body = vec![0; n.parse().unwrap()];
+        r.read_exact(&mut res.body).unwrap();
     } else {
         r.read_to_end(&mut res.body).unwrap();
     }

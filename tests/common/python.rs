@@ -53,20 +53,18 @@ pub fn python() -> PathBuf {
         assert!(ok, "installing {} failed (needs PyPI)", reqs.display());
         std::fs::write(tmp.join("voxtrald-pins"), &pins).unwrap();
         if std::fs::rename(&tmp, &venv).is_err() {
-            // Another test binary won the race, or an old venv is in the way.
-            let _ = std::fs::remove_dir_all(&tmp);
-            if std::fs::read_to_string(&stamp).ok().as_deref() != Some(pins.as_str()) {
+            if std::fs::read_to_string(&stamp).ok().as_deref() == Some(pins.as_str()) {
+                // Another test binary made the same venv meanwhile.
+                let _ = std::fs::remove_dir_all(&tmp);
+            } else {
+                // An old venv with other pins is in the way.
                 std::fs::remove_dir_all(&venv).unwrap();
-                return python_after_retry();
+                std::fs::rename(&tmp, &venv).unwrap();
             }
         }
         python
     })
     .clone()
-}
-
-fn python_after_retry() -> PathBuf {
-    panic!("the client venv was out of date and has been removed; run the tests again")
 }
 
 /// Runs `tests/clients/<script>` with `args`; its stdout, which must be one JSON value.
