@@ -318,6 +318,22 @@ fn install_writes_user_units() {
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stdout), "210 OK QUIT\n");
+    // With XDG_DATA_HOME elsewhere, the module goes where speech-dispatcher derives from it.
+    let data = dir.path().join("elsewhere/share");
+    let out = Command::new(env!("CARGO_BIN_EXE_voxtrald"))
+        .args(["install", "--user"])
+        .env("HOME", dir.path())
+        .env("XDG_DATA_HOME", &data)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(dir
+        .path()
+        .join("elsewhere/libexec/speech-dispatcher-modules/sd_voxtrald")
+        .exists());
+    assert!(data
+        .join("dbus-1/services/org.voxtrald.Speech.Provider.service")
+        .exists());
 }
 
 #[test]

@@ -89,9 +89,12 @@ pub fn run_install(user: bool) -> anyhow::Result<()> {
             include_str!("../../systemd/org.voxtrald.Speech.Provider.service"),
             false,
         ),
-        // Where speech-dispatcher looks for a user's own output modules.
+        // Where speech-dispatcher looks for a user's own output modules: beside the data
+        // folder, `$XDG_DATA_HOME/../libexec/speech-dispatcher-modules` (speechd 0.11).
         (
-            home.join(".local/libexec/speech-dispatcher-modules/sd_voxtrald"),
+            data.parent()
+                .unwrap_or(&data)
+                .join("libexec/speech-dispatcher-modules/sd_voxtrald"),
             include_str!("../../systemd/sd_voxtrald"),
             true,
         ),
