@@ -422,4 +422,36 @@ mod tests {
             ("audio-chunk", Some(24000), &b"\x01\x02"[..])
         );
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config {
+            cases: 512,
+            rng_seed: proptest::test_runner::RngSeed::Fixed(0x5eed),
+            failure_persistence: None,
+            ..Default::default()
+        })]
+
+        /// Any bytes: frames are read or refused, never a panic, and the reader stops.
+        #[test]
+        fn framing_takes_any_bytes(
+            pieces in proptest::collection::vec(proptest::prop_oneof![
+                proptest::strategy::Just(b"{\"type\": \"ping\"}\n".to_vec()),
+                proptest::strategy::Just(b"{\"type\": \"x\", \"data_length\": 3}\n".to_vec()),
+                proptest::strategy::Just(b"{\"type\": \"x\", \"payload_length\": 2}\n".to_vec()),
+                proptest::strategy::Just(b"{}\n".to_vec()),
+                proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40),
+            ], 0..12),
+        ) {
+            let bytes = pieces.concat();
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            rt.block_on(async {
+                let mut r = BufReader::new(bytes.as_slice());
+                for _ in 0..=bytes.len() {
+                    if read_message(&mut r).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    }
 }

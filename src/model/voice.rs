@@ -9,8 +9,23 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 
-/// Reads the single tensor stored in a torch zip archive as f32 `[rows, cols]`.
+/// Reads the single tensor stored in a torch zip archive as f32 `[rows, cols]`. A damaged
+/// file is an error naming it, also where candle's pickle reader would panic on it (an
+/// overflowing integer opcode, say).
 pub fn read_voice_file(path: &Path, voice: &str, dim: usize) -> Result<Tensor> {
+    std::panic::catch_unwind(|| read(path, voice, dim)).unwrap_or_else(|payload| {
+        Err(Error::Voice {
+            path: path.into(),
+            voice: voice.into(),
+            reason: format!(
+                "damaged file (the reader failed: {})",
+                crate::error::panic_message(payload.as_ref())
+            ),
+        })
+    })
+}
+
+fn read(path: &Path, voice: &str, dim: usize) -> Result<Tensor> {
     let bad = |reason: String| Error::Voice {
         path: path.into(),
         voice: voice.into(),
