@@ -167,3 +167,44 @@ fn speaking_rates_from_a_quarter_to_four_are_accepted_everywhere() {
     assert_eq!(c.call(json!({"op": "status"}))["queue"], 0);
     std::thread::sleep(Duration::from_millis(1));
 }
+
+#[test]
+fn punctuation_is_read_by_name_and_offsets_stay_on_the_text_sent() {
+    let d = Served::start("[limits]\nmax_frames = 3\n", &[]);
+    let mut c = d.connect();
+    let speak = |c: &mut Conn, req: Value| {
+        c.send(req);
+        let events = c.until_done();
+        let pcm: Vec<u8> = events
+            .iter()
+            .filter(|m| m["event"] == "audio")
+            .flat_map(|m| {
+                base64::engine::general_purpose::STANDARD
+                    .decode(m["pcm"].as_str().unwrap())
+                    .unwrap()
+            })
+            .collect();
+        let sentences: Vec<(u64, u64)> = events
+            .iter()
+            .filter(|m| m["event"] == "sentence")
+            .map(|m| (m["start"].as_u64().unwrap(), m["end"].as_u64().unwrap()))
+            .collect();
+        (pcm, sentences)
+    };
+    let named = speak(
+        &mut c,
+        json!({"op": "speak", "text": "Yes, no", "output": "stream", "punctuation": ","}),
+    );
+    let plain = speak(
+        &mut c,
+        json!({"op": "speak", "text": "Yes, no", "output": "stream"}),
+    );
+    let spelled = speak(
+        &mut c,
+        json!({"op": "speak", "text": "Yes comma  no", "output": "stream"}),
+    );
+    // The model read "Yes comma  no"; the sentence still spans the 7 characters sent.
+    assert!(named.0 == spelled.0, "same audio as the name written out");
+    assert!(named.0 != plain.0, "the comma was read");
+    assert_eq!(named.1, vec![(0, 7)]);
+}

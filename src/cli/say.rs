@@ -213,6 +213,7 @@ pub fn run(a: SayArgs) -> anyhow::Result<()> {
         rate: a.rate.unwrap_or(settings.rate),
         pitch: a.pitch.unwrap_or(settings.pitch),
         volume: 1.0,
+        punctuation: None,
         // This command takes the audio itself.
         destination: Destination::Client,
         interface: Interface::Local,

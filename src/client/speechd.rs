@@ -18,6 +18,7 @@ use super::socket::Client;
 use crate::frontends::protocol::{Message, Output};
 use crate::service::scales;
 use crate::service::voices::{Gender, Voice};
+use crate::text::punctuation;
 use crate::text::ssml::{self, Mark};
 
 /// How long `INIT` waits for a daemon that is still starting (e.g. by systemd).
@@ -99,6 +100,18 @@ impl Settings {
     /// `pitch` −100…100, relative to the daemon's configured pitch.
     fn pitch(&self) -> f32 {
         scales::ssip_pitch(self.number("pitch"))
+    }
+
+    /// The characters to say by name for `punctuation_mode` (none, some, most, all), from
+    /// `punctuation_some` / `punctuation_most` where the client set them.
+    fn punctuation(&self) -> Option<String> {
+        let set = match self.get("punctuation_mode")? {
+            "all" => punctuation::ALL,
+            "most" => self.get("punctuation_most").unwrap_or(punctuation::MOST),
+            "some" => self.get("punctuation_some").unwrap_or(punctuation::SOME),
+            _ => return None,
+        };
+        Some(set.to_string())
     }
 
     /// `volume` −100…100 as a gain; applied by the daemon to the audio it hands over.
@@ -391,10 +404,12 @@ impl Module {
             relative_rate,
             relative_pitch,
             volume,
+            punctuation,
             ..
         } = &mut req
         {
             *voice = self.settings.voice(&self.voices);
+            *punctuation = self.settings.punctuation();
             *relative_rate = Some(self.settings.rate());
             *relative_pitch = Some(self.settings.pitch());
             *volume = Some(self.settings.gain());
@@ -540,5 +555,18 @@ mod tests {
         let s = settings(&[("volume", "0")]);
         assert_eq!(s.gain(), 0.5);
         assert_eq!(settings(&[("volume", "-100")]).gain(), 0.0);
+        assert_eq!(
+            settings(&[("punctuation_mode", "none")]).punctuation(),
+            None
+        );
+        assert_eq!(settings(&[]).punctuation(), None);
+        assert_eq!(
+            settings(&[("punctuation_mode", "all")])
+                .punctuation()
+                .as_deref(),
+            Some(punctuation::ALL)
+        );
+        let s = settings(&[("punctuation_mode", "some"), ("punctuation_some", "@#")]);
+        assert_eq!(s.punctuation().as_deref(), Some("@#"));
     }
 }

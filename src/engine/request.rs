@@ -4,6 +4,7 @@
 use std::ops::Range;
 
 use crate::model::{DEFAULT_CFG_ALPHA, DEFAULT_MAX_FRAMES};
+use crate::text::punctuation::SpokenPunctuation;
 
 pub type JobId = u64;
 
@@ -110,6 +111,8 @@ pub struct SpeechRequest {
     pub pitch: f32,
     /// Gain on the audio, 0.0 to 1.0.
     pub volume: f32,
+    /// Punctuation the model reads by name.
+    pub punctuation: Option<SpokenPunctuation>,
     pub destination: Destination,
     pub interface: Interface,
 }
@@ -126,6 +129,7 @@ impl SpeechRequest {
             rate: 1.0,
             pitch: 1.0,
             volume: 1.0,
+            punctuation: None,
             destination: Destination::Speaker,
             interface: Interface::Local,
         }

@@ -241,6 +241,10 @@ impl<'m> Active<'m> {
             Some(lexicon) => lexicon.apply(&text),
             None => std::borrow::Cow::Borrowed(text.as_str()),
         };
+        let said = match &job.req.punctuation {
+            Some(p) => std::borrow::Cow::Owned(p.apply(&said).into_owned()),
+            None => said,
+        };
         let prompt = model.prompt(&job.req.voice, &said);
         let too_long = match &prompt {
             Ok(p) => p.ids.len() - rows - PromptTokens::OVERHEAD > budget.max(1),

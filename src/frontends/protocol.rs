@@ -49,6 +49,9 @@ pub enum Message {
         /// Gain, 0.0 to 1.0.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         volume: Option<f32>,
+        /// Characters to say by name, e.g. ",.?!" (Speech Dispatcher's punctuation modes).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        punctuation: Option<String>,
         /// Echoed back in `accepted`, to match replies to requests.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         tag: Option<Value>,
@@ -77,6 +80,7 @@ impl Message {
             pitch: None,
             relative_pitch: None,
             volume: None,
+            punctuation: None,
             tag: None,
         }
     }

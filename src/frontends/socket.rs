@@ -217,6 +217,7 @@ async fn handle(
             pitch,
             relative_pitch,
             volume,
+            punctuation,
             tag,
         } => {
             let destination = match output {
@@ -230,6 +231,7 @@ async fn handle(
             req.rate = amount(rate, relative_rate);
             req.pitch = amount(pitch, relative_pitch);
             req.volume = volume;
+            req.punctuation = punctuation;
             let job = speech.speak_async(req).await.map_err(|e| e.to_string())?;
             let mut accepted = serde_json::json!({"event": "accepted", "job": job.id, "tag": tag});
             if output != Output::Play {

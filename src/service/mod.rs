@@ -17,6 +17,7 @@ use crate::engine::{Destination, Engine, Interface, Job, JobId, Priority, Speech
 use crate::error::Result;
 use crate::model::Voxtral;
 use crate::settings::Settings;
+use crate::text::punctuation::SpokenPunctuation;
 pub use scales::Amount;
 use speaker::Speaker;
 pub use voices::Voice;
@@ -36,6 +37,9 @@ pub struct Request {
     pub pitch: Amount,
     /// Gain, 0.0 to 1.0 (default 1.0).
     pub volume: Option<f32>,
+    /// Characters to say by name (Speech Dispatcher's punctuation modes), in the voice's
+    /// language.
+    pub punctuation: Option<String>,
     pub priority: Priority,
     pub seed: Option<u64>,
     pub destination: Destination,
@@ -50,6 +54,7 @@ impl Request {
             rate: Amount::Default,
             pitch: Amount::Default,
             volume: None,
+            punctuation: None,
             priority: Priority::Text,
             seed: None,
             destination,
@@ -129,6 +134,14 @@ impl Speech {
         r.rate = req.rate.rate(s.rate);
         r.pitch = req.pitch.pitch(s.pitch);
         r.volume = req.volume.unwrap_or(1.0);
+        if let Some(chars) = &req.punctuation {
+            let model = self.engine.model();
+            let language = model
+                .voices()
+                .find(|v| v.name == r.voice)
+                .map_or("en", |v| v.language);
+            r.punctuation = SpokenPunctuation::new(chars, language);
+        }
         r.destination = req.destination;
         r.interface = req.interface;
         r
