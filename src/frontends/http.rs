@@ -138,9 +138,8 @@ struct Delivery {
 
 /// The request, or why it is a bad one (a 400).
 fn parse(speech: &Speech, body: &[u8]) -> Result<(SpeechRequest, Delivery), String> {
-    let bad = |m: String| m;
     let b: SpeechBody =
-        serde_json::from_slice(body).map_err(|e| bad(format!("bad request body: {e}")))?;
+        serde_json::from_slice(body).map_err(|e| format!("bad request body: {e}"))?;
     // Absent means MP3, as in OpenAI's API (and what most clients then expect).
     let encoding = match b.response_format.as_deref().unwrap_or("mp3") {
         "mp3" => Encoding::Mp3,
@@ -148,25 +147,25 @@ fn parse(speech: &Speech, body: &[u8]) -> Result<(SpeechRequest, Delivery), Stri
         "wav" => Encoding::Wav,
         "pcm" => Encoding::Pcm,
         other @ ("opus" | "aac") => {
-            return Err(bad(format!(
+            return Err(format!(
                 "response_format {other:?} is not available in this voxtrald; use \"mp3\", \
                  \"flac\", \"wav\" or \"pcm\""
-            )))
+            ))
         }
         other => {
-            return Err(bad(format!(
+            return Err(format!(
                 "{other:?} is not one of 'mp3', 'opus', 'aac', 'flac', 'wav', 'pcm' - \
                  'response_format'"
-            )))
+            ))
         }
     };
     let sse = match b.stream_format.as_deref() {
         None | Some("audio") => false,
         Some("sse") => true,
         Some(other) => {
-            return Err(bad(format!(
+            return Err(format!(
                 "{other:?} is not one of 'sse', 'audio' - 'stream_format'"
-            )))
+            ))
         }
     };
     let mut r = SpeechRequest::new(b.input, Interface::Http, Destination::Client);
@@ -177,12 +176,12 @@ fn parse(speech: &Speech, body: &[u8]) -> Result<(SpeechRequest, Delivery), Stri
             match (known, openai_voice(n)) {
                 (true, _) => Some(n.clone()),
                 (false, Some(v)) => Some(v.to_string()),
-                (false, None) => return Err(bad(format!("unknown voice {n:?}"))),
+                (false, None) => return Err(format!("unknown voice {n:?}")),
             }
         }
     };
     if let Some(speed) = b.speed {
-        r.rate = scales::openai_speed(speed).map_err(bad)?;
+        r.rate = scales::openai_speed(speed)?;
     }
     Ok((r, Delivery { encoding, sse }))
 }
