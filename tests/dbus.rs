@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::bus::{
     connect_when_served, parse_stream, parse_stream_audio, private_bus, provider, synthesize,
-    synthesize_pitched, Bus, Chunk, IFACE, NAME, PATH,
+    synthesize_full, synthesize_pitched, Bus, Chunk, IFACE, NAME, PATH,
 };
 use common::served::Served;
 use serde_json::json;
@@ -108,7 +108,8 @@ async fn provider_matches_the_interface_xml() {
     assert_eq!(voices.len(), 20);
     let fr = voices.iter().find(|v| v.1 == "fr_female").unwrap();
     assert_eq!(fr.2, "audio/x-spiel,format=S16LE,channels=1,rate=24000");
-    assert_eq!(fr.3, 0x2, "only EVENTS_SENTENCE is honoured");
+    // EVENTS_WORD, EVENTS_SENTENCE, EVENTS_SSML_MARK and SSML_BREAK, nothing else.
+    assert_eq!(fr.3, 0x1 | 0x2 | 0x8 | 0x1000);
     assert_eq!(fr.4, vec!["fr".to_string()]);
 }
 
@@ -135,6 +136,47 @@ async fn synthesize_streams_events_before_audio() {
     };
     assert_eq!(audio(&chunks[..second]), 6 * 1920 * 2);
     assert_eq!(audio(&chunks[second..]), 6 * 1920 * 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssml_marks_and_words_come_in_order_each_before_its_audio() {
+    let s = setup().await;
+    let p = provider(&s.conn).await;
+    // What Orca sends to a voice that advertises EVENTS_SSML_MARK.
+    let ssml = r#"<speak><mark name="0:3"/>One <mark name="4:8"/>here. <mark name="10:13"/>Two <mark name="14:20"/>there.</speak>"#;
+    let r = synthesize_full(&p, ssml, "casual_male", 1.0, 1.0, true).await;
+    let chunks = tokio::task::spawn_blocking(move || parse_stream(r))
+        .await
+        .unwrap();
+    let marks: Vec<&str> = chunks
+        .iter()
+        .filter_map(|c| match c {
+            Chunk::Mark(n) => Some(n.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(marks, ["0:3", "4:8", "10:13", "14:20"]);
+    let words = chunks
+        .iter()
+        .filter(|c| matches!(c, Chunk::Word(..)))
+        .count();
+    assert_eq!(words, 4);
+    // Each mark is followed by its word, then audio before the next mark.
+    for (i, c) in chunks.iter().enumerate() {
+        if let Chunk::Mark(_) = c {
+            assert!(matches!(chunks[i + 1], Chunk::Word(..)), "{chunks:?}");
+            let next_mark = chunks[i + 1..]
+                .iter()
+                .position(|c| matches!(c, Chunk::Mark(_)))
+                .map_or(chunks.len(), |j| i + 1 + j);
+            assert!(
+                chunks[i..next_mark]
+                    .iter()
+                    .any(|c| matches!(c, Chunk::Audio(_))),
+                "audio between marks: {chunks:?}"
+            );
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

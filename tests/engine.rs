@@ -626,3 +626,168 @@ fn the_lexicon_changes_what_is_said_not_the_offsets() {
     let other = drain(&mut engine().submit(req("ZORK.", Priority::Text, 8)).unwrap());
     assert_ne!(audio_of(&other), audio_of(&listed));
 }
+
+fn ssml_req(ssml: &str, frames: usize) -> SpeechRequest {
+    let (text, markup) = voxtrald::text::ssml::parse(ssml);
+    let mut r = req(&text, Priority::Text, frames);
+    r.markup = markup;
+    r
+}
+
+#[test]
+fn words_and_marks_come_in_order_each_before_its_audio() {
+    let e = engine();
+    let ssml = r#"<speak><mark name="0:5"/>Hello <mark name="6:11"/>world, this is <mark name="m3"/>a test. <mark name="s2"/>Second one here.<mark name="end"/></speak>"#;
+    let r = ssml_req(ssml, 14);
+    let text = r.text.clone();
+    let mut job = e.submit(r).unwrap();
+    let events = drain(&mut job);
+    let total = audio_of(&events).len() as u64;
+    assert!(matches!(events.last(), Some(Event::Finished { .. })));
+    let marks: Vec<&str> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Mark { name, .. } => Some(name.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(marks, ["0:5", "6:11", "m3", "s2", "end"]);
+    let words: Vec<String> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Word { range, .. } => Some(char_slice(&text, range)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        words,
+        ["Hello", "world,", "this", "is", "a", "test.", "Second", "one", "here."]
+    );
+    // Each mark right before the word it stands before; the last one after all the audio.
+    let pos = |f: &dyn Fn(&Event) -> bool| events.iter().position(f).unwrap();
+    let mark_at = |n: &str| pos(&|e| matches!(e, Event::Mark { name, .. } if name == n));
+    let word_at =
+        |w: &str| pos(&|e| matches!(e, Event::Word { range, .. } if char_slice(&text, range) == w));
+    assert_eq!(mark_at("0:5") + 1, word_at("Hello"));
+    assert_eq!(mark_at("6:11") + 1, word_at("world,"));
+    assert_eq!(mark_at("m3") + 1, word_at("a"));
+    assert_eq!(mark_at("s2") + 1, word_at("Second"));
+    let last_audio = events
+        .iter()
+        .rposition(|e| matches!(e, Event::Audio { .. }))
+        .unwrap();
+    assert!(mark_at("end") > last_audio);
+    // A word's sample lies in the audio that follows it (or at the end, if none does), and
+    // word offsets never go back.
+    let mut last = 0;
+    for (i, ev) in events.iter().enumerate() {
+        let offset = match ev {
+            Event::Word { offset, .. } | Event::Mark { offset, .. } => *offset,
+            _ => continue,
+        };
+        assert!(offset >= last, "offsets go forward");
+        last = offset;
+        let next = events[i + 1..].iter().find(|e| {
+            matches!(
+                e,
+                Event::Audio { .. } | Event::Sentence { .. } | Event::Finished { .. }
+            )
+        });
+        match next {
+            Some(Event::Audio { offset: a, samples }) => {
+                assert!(
+                    (*a..*a + samples.len() as u64).contains(&offset),
+                    "word at {offset} outside the next chunk {a}+{}",
+                    samples.len()
+                );
+            }
+            _ => assert!(offset <= total),
+        }
+    }
+    // The first word starts the audio.
+    assert!(matches!(
+        events.iter().find(|e| matches!(e, Event::Word { .. })),
+        Some(Event::Word { offset: 0, .. })
+    ));
+}
+
+#[test]
+fn ssml_breaks_are_silence_and_prosody_applies_to_its_span() {
+    let e = engine();
+    let mut job = e
+        .submit(ssml_req(r#"One two.<break time="500ms"/>Three four."#, 6))
+        .unwrap();
+    let events = drain(&mut job);
+    let second = events
+        .iter()
+        .rposition(|e| matches!(e, Event::Sentence { .. }))
+        .unwrap();
+    let first_audio_end = events[..second]
+        .iter()
+        .rposition(
+            |e| matches!(e, Event::Audio { samples, .. } if samples.iter().any(|s| *s != 0.0)),
+        )
+        .unwrap();
+    let silence: usize = events[first_audio_end + 1..second]
+        .iter()
+        .map(|e| match e {
+            Event::Audio { samples, .. } => {
+                assert!(samples.iter().all(|s| *s == 0.0));
+                samples.len()
+            }
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(silence, 12_000, "500 ms at 24 kHz");
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| matches!(e, Event::Sentence { .. }))
+            .count(),
+        2
+    );
+
+    // The same words under `<prosody>`: half the length at twice the rate, half the amplitude
+    // at half the volume.
+    let plain = audio_of(&drain(
+        &mut e
+            .submit(req("Fast words here.", Priority::Text, 8))
+            .unwrap(),
+    ));
+    let fast = audio_of(&drain(
+        &mut e
+            .submit(ssml_req(
+                r#"<prosody rate="200%">Fast words here.</prosody>"#,
+                8,
+            ))
+            .unwrap(),
+    ));
+    let ratio = fast.len() as f64 / plain.len() as f64;
+    assert!(
+        (0.45..0.56).contains(&ratio),
+        "rate 2: length ratio {ratio}"
+    );
+    let soft = audio_of(&drain(
+        &mut e
+            .submit(ssml_req(
+                r#"<prosody volume="50%">Fast words here.</prosody>"#,
+                8,
+            ))
+            .unwrap(),
+    ));
+    assert_eq!(soft.len(), plain.len());
+    let peak = |a: &[f32]| a.iter().fold(0f32, |m, s| m.max(s.abs()));
+    assert!((peak(&soft) / peak(&plain) - 0.5).abs() < 0.01);
+    // A span inside a sentence is a piece of its own, with the rest at the request's rate.
+    let mut job = e
+        .submit(ssml_req(
+            r#"Slow start <prosody rate="x-fast">quick middle</prosody> slow end."#,
+            4,
+        ))
+        .unwrap();
+    let pieces = drain(&mut job)
+        .iter()
+        .filter(|e| matches!(e, Event::Sentence { .. }))
+        .count();
+    assert_eq!(pieces, 3);
+}

@@ -108,7 +108,7 @@ proptest! {
         let _ = serde_json::from_str::<Message>(&raw);
         let line = serde_json::to_string(&Message::speak(text.clone(), Default::default())).unwrap();
         match serde_json::from_str::<Message>(&line).unwrap() {
-            Message::Speak { text: back, .. } => prop_assert_eq!(back, text),
+            Message::Speak(s) => prop_assert_eq!(s.text, text),
             other => prop_assert!(false, "{other:?}"),
         }
     }

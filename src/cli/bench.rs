@@ -94,7 +94,10 @@ fn streams_run(a: &BenchArgs, engine: &Engine, n: usize) -> anyhow::Result<Strea
                             Event::Failed { reason } | Event::Cancelled { reason } => {
                                 anyhow::bail!("a stream ended early: {reason}")
                             }
-                            Event::Started | Event::Sentence { .. } => {}
+                            Event::Started
+                            | Event::Sentence { .. }
+                            | Event::Word { .. }
+                            | Event::Mark { .. } => {}
                         }
                     }
                     anyhow::bail!("a stream ended without finishing")

@@ -13,9 +13,10 @@ use crate::audio::playback::Player;
 use crate::audio::wav::{WavFormat, WavSink};
 use crate::client::socket::Client;
 use crate::engine::{Destination, Engine, Event, Interface, Priority, SpeechRequest};
-use crate::frontends::protocol::{Message, Output};
+use crate::frontends::protocol::{Message, Output, Speak};
 use crate::model::{DEFAULT_CFG_ALPHA, DEFAULT_MAX_FRAMES};
 use crate::settings::Settings;
+use crate::text::ssml::{self, Markup};
 
 /// Largest text accepted in one request.
 pub const MAX_TEXT_BYTES: usize = 1 << 20;
@@ -46,6 +47,9 @@ pub struct SayArgs {
     /// the configured pitch, else 1.0).
     #[arg(long)]
     pitch: Option<f32>,
+    /// The text is SSML: `<break>`, `<prosody>`, `<mark>` (logged), `<sub>`, `<say-as>`.
+    #[arg(long)]
+    ssml: bool,
     /// Classifier-free guidance strength.
     #[arg(long, default_value_t = DEFAULT_CFG_ALPHA)]
     cfg_alpha: f32,
@@ -118,20 +122,16 @@ fn run_via_daemon(mut c: Client, a: &SayArgs, text: String) -> anyhow::Result<()
     } else {
         Output::Play
     };
-    let mut req = Message::speak(text, output);
-    if let Message::Speak {
-        voice,
-        seed,
-        rate,
-        pitch,
-        ..
-    } = &mut req
-    {
-        *voice = a.voice.clone();
-        *seed = Some(a.seed);
-        *rate = a.rate;
-        *pitch = a.pitch;
-    }
+    let req = Message::Speak(Speak {
+        text,
+        ssml: a.ssml,
+        output,
+        voice: a.voice.clone(),
+        seed: Some(a.seed),
+        rate: a.rate,
+        pitch: a.pitch,
+        ..Speak::default()
+    });
     c.send(&req)?;
     let mut sink = None;
     loop {
@@ -203,6 +203,11 @@ pub fn run(a: SayArgs) -> anyhow::Result<()> {
     // The daemon's defaults and pronunciations apply here too.
     let settings = Settings::of_this_user()?;
     let engine = Engine::new(model, settings.engine_config());
+    let (text, markup) = if a.ssml {
+        ssml::parse(&text)
+    } else {
+        (text, Markup::default())
+    };
     let mut job = engine.submit(SpeechRequest {
         text,
         voice: a.voice.clone().unwrap_or(settings.voice),
@@ -214,6 +219,7 @@ pub fn run(a: SayArgs) -> anyhow::Result<()> {
         pitch: a.pitch.unwrap_or(settings.pitch),
         volume: 1.0,
         punctuation: None,
+        markup,
         // This command takes the audio itself.
         destination: Destination::Client,
         interface: Interface::Local,
@@ -222,6 +228,8 @@ pub fn run(a: SayArgs) -> anyhow::Result<()> {
         match ev {
             Event::Audio { samples, .. } => sink.write(&samples)?,
             Event::Sentence { range } => tracing::debug!(?range, "sentence"),
+            Event::Word { range, offset } => tracing::debug!(?range, offset, "word"),
+            Event::Mark { name, offset } => tracing::debug!(%name, offset, "mark"),
             Event::Started => {}
             Event::Finished {
                 frames,

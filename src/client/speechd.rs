@@ -15,7 +15,7 @@ use anyhow::Context;
 use base64::Engine as _;
 
 use super::socket::Client;
-use crate::frontends::protocol::{Message, Output};
+use crate::frontends::protocol::{Message, Output, Speak};
 use crate::service::scales;
 use crate::service::voices::{Gender, Voice};
 use crate::text::punctuation;
@@ -369,23 +369,30 @@ impl Module {
     fn speak(&mut self, kind: &str, data: &str) -> anyhow::Result<()> {
         // A new message replaces one still speaking (the server normally stops it first).
         self.stop(Some("703 STOP"));
-        let (text, marks) = match kind {
+        // SSML goes to the daemon as it is: the daemon reports each mark where it is spoken.
+        let (text, ssml) = match kind {
             // Spelling mode reads letter by letter, as `say-as characters` does.
-            "SPEAK" if self.settings.get("spelling_mode") == Some("on") => ssml::to_text(&format!(
-                "<say-as interpret-as=\"characters\">{data}</say-as>"
-            )),
-            "SPEAK" => ssml::to_text(data),
+            "SPEAK" if self.settings.get("spelling_mode") == Some("on") => (
+                format!("<say-as interpret-as=\"characters\">{data}</say-as>"),
+                true,
+            ),
+            "SPEAK" => (data.to_string(), true),
             // A character or a key name such as `shift_a`; `space` reads as the word.
-            "CHAR" | "KEY" => (data.replace('_', " "), Vec::new()),
+            "CHAR" | "KEY" => (data.replace('_', " "), false),
             // No sound icons: an empty message that begins and ends.
-            _ => (String::new(), Vec::new()),
+            _ => (String::new(), false),
+        };
+        let (plain, marks) = if ssml {
+            ssml::to_text(&text)
+        } else {
+            (text.clone(), Vec::new())
         };
         let n = {
             let mut o = lock(&self.out);
             o.open = true;
             o.current
         };
-        if text.trim().is_empty() {
+        if plain.trim().is_empty() {
             let mut o = lock(&self.out);
             o.line("701 BEGIN")?;
             o.marks(&marks)?;
@@ -398,26 +405,20 @@ impl Module {
         } else {
             Output::Play
         };
-        let mut req = Message::speak(text, output);
-        if let Message::Speak {
-            voice,
-            relative_rate,
-            relative_pitch,
-            volume,
-            punctuation,
-            ..
-        } = &mut req
-        {
-            *voice = self.settings.voice(&self.voices);
-            *punctuation = self.settings.punctuation();
-            *relative_rate = Some(self.settings.rate());
-            *relative_pitch = Some(self.settings.pitch());
-            *volume = Some(self.settings.gain());
-        }
+        let req = Message::Speak(Speak {
+            text,
+            ssml,
+            output,
+            voice: self.settings.voice(&self.voices),
+            punctuation: self.settings.punctuation(),
+            relative_rate: Some(self.settings.rate()),
+            relative_pitch: Some(self.settings.pitch()),
+            volume: Some(self.settings.gain()),
+            ..Speak::default()
+        });
         let utterance = Utterance {
             n,
             out: self.out.clone(),
-            marks,
             sample_rate: None,
             begun: false,
         };
@@ -431,8 +432,6 @@ impl Module {
 struct Utterance {
     n: u64,
     out: Arc<Mutex<Out>>,
-    /// Marks not yet reported, in text order.
-    marks: Vec<Mark>,
     /// From the daemon's `accepted` line.
     sample_rate: Option<u32>,
     begun: bool,
@@ -452,8 +451,6 @@ impl Utterance {
         if !self.begun {
             let _ = o.line("701 BEGIN");
         }
-        let rest = std::mem::take(&mut self.marks);
-        let _ = o.marks(&rest);
         let _ = o.line("702 END");
         o.open = false;
         o.job = None;
@@ -478,14 +475,12 @@ impl Utterance {
                     o.line("701 BEGIN")?;
                     self.begun = true;
                 }
-                "sentence" => {
-                    // The marks up to this sentence's end, ahead of its audio: the server
-                    // reports them as playback reaches them.
-                    let end = ev["end"].as_u64().unwrap_or(0) as usize;
-                    let due = self.marks.partition_point(|m| m.offset < end);
-                    let due: Vec<Mark> = self.marks.drain(..due).collect();
-                    o.marks(&due)?;
-                }
+                // In its place among the audio blocks: the server reports it as playback
+                // reaches it.
+                "mark" => o.line(&format!(
+                    "700-{}\n700 INDEX MARK",
+                    ev["name"].as_str().unwrap_or("")
+                ))?,
                 "audio" => {
                     let pcm = base64::engine::general_purpose::STANDARD
                         .decode(ev["pcm"].as_str().unwrap_or(""))

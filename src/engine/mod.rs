@@ -30,7 +30,7 @@ use crate::audio::prosody::{MAX_PITCH, MAX_RATE, MIN_PITCH, MIN_RATE};
 use crate::model::stream::ChunkSchedule;
 use crate::model::Voxtral;
 use crate::text::lexicon::Lexicon;
-use crate::text::sentences::split_sentences;
+use crate::text::sentences::{cut_at, split_sentences};
 use crate::{Error, Result};
 use job::{lock, Control};
 use worker::{Queued, Shared, State};
@@ -139,7 +139,12 @@ impl Engine {
             )));
         }
         self.shared.model.voice(&req.voice)?;
-        let sentences = split_sentences(&req.text, cfg.max_sentence_chars);
+        // SSML breaks and prosody spans begin and end pieces of their own.
+        let sentences = cut_at(
+            &req.text,
+            &split_sentences(&req.text, cfg.max_sentence_chars),
+            &req.markup.cuts(),
+        );
         let control = Control::new();
         let mut st = lock(&self.shared.state);
         let id = st.next_id;
@@ -165,6 +170,9 @@ impl Engine {
             submitted: Instant::now(),
             started: None,
             first_audio: None,
+            marks_done: 0,
+            breaks_done: 0,
+            pace: utterance::TYPICAL_FRAMES_PER_CHAR,
         };
         // Clients mix their own audio: Speech Dispatcher's rules are for the speaker.
         if speaker {

@@ -5,6 +5,7 @@ use std::ops::Range;
 
 use crate::model::{DEFAULT_CFG_ALPHA, DEFAULT_MAX_FRAMES};
 use crate::text::punctuation::SpokenPunctuation;
+use crate::text::ssml::Markup;
 
 pub type JobId = u64;
 
@@ -113,6 +114,8 @@ pub struct SpeechRequest {
     pub volume: f32,
     /// Punctuation the model reads by name.
     pub punctuation: Option<SpokenPunctuation>,
+    /// Marks, breaks and prosody spans of an SSML request, in character offsets of `text`.
+    pub markup: Markup,
     pub destination: Destination,
     pub interface: Interface,
 }
@@ -130,6 +133,7 @@ impl SpeechRequest {
             pitch: 1.0,
             volume: 1.0,
             punctuation: None,
+            markup: Markup::default(),
             destination: Destination::Speaker,
             interface: Interface::Local,
         }
@@ -142,6 +146,18 @@ pub enum Event {
     /// The sentence at this character range of the text is next; its audio follows.
     Sentence {
         range: Range<usize>,
+    },
+    /// The word at this character range of the text is spoken from sample `offset` of the
+    /// job's audio; the audio holding that sample follows.
+    Word {
+        range: Range<usize>,
+        offset: u64,
+    },
+    /// An SSML `<mark/>` is reached at sample `offset`: the audio before it has been sent, the
+    /// audio after it follows.
+    Mark {
+        name: String,
+        offset: u64,
     },
     /// Mono PCM at the model's sample rate; `offset` is the first sample's index in the job's
     /// audio.

@@ -5,6 +5,12 @@
 //! [`Active::begin_sentence`] runs everything up to the prefill; the worker's shared step
 //! produces the frames; [`Active::take_frame`] turns each into audio. Delivery never waits: a
 //! job whose consumer is behind keeps its events in its outbox and sits out the steps.
+//!
+//! Words and SSML marks go out just before the audio chunk that holds their first sample. Where
+//! a word starts is estimated in proportion to its place in the sentence, at the job's pace in
+//! frames per character: a typical pace for the first sentence, then the pace measured on the
+//! job's finished sentences. A sentence's words all go out before its last audio, whatever the
+//! estimate. SSML breaks are silence between pieces; prosody spans are pieces of their own.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -15,19 +21,33 @@ use super::request::{Destination, Event};
 use super::worker::Queued;
 use super::EngineConfig;
 use crate::audio::pcm::apply_gain;
-use crate::audio::prosody::Prosody;
+use crate::audio::prosody::{Prosody, MAX_PITCH, MIN_PITCH};
+use crate::audio::stretch::{MAX_RATE, MIN_RATE};
 use crate::model::noise::SeededNoise;
 use crate::model::prompt::PromptTokens;
 use crate::model::stream::StreamingDecoder;
 use crate::model::{Frame, GenerateOptions, Generation, Voxtral};
-use crate::text::sentences::char_slice;
+use crate::text::sentences::{char_slice, words};
 use crate::{Error, Result};
+
+/// Frames per character of a typical voice at its natural pace (12.5 frames a second, about
+/// 14 characters a second), the estimate until the job's first sentence is measured.
+pub(super) const TYPICAL_FRAMES_PER_CHAR: f64 = 0.9;
+
+/// Most audio in one event of a `<break/>`'s silence.
+const SILENCE_CHUNK: usize = 4800;
 
 /// One sentence being generated and streamed.
 struct Utterance<'m> {
     gen: Generation<'m>,
     dec: StreamingDecoder,
     prosody: Prosody,
+    /// Gain of this piece (the request's volume times its prosody span's).
+    volume: f32,
+    /// Its words not yet announced, each with the estimated sample where it starts.
+    words: VecDeque<(std::ops::Range<usize>, u64)>,
+    chars: usize,
+    frames: usize,
 }
 
 pub(super) struct Active<'m> {
@@ -195,12 +215,77 @@ impl<'m> Active<'m> {
         self.utterance.as_mut().map(|u| &mut u.gen)
     }
 
+    /// Queues the marks due before the audio at sample `offset`: those at or before character
+    /// `at`.
+    fn marks_up_to(&mut self, at: usize, offset: u64) {
+        let marks = &self.job.req.markup.marks;
+        while let Some(m) = marks.get(self.job.marks_done).filter(|m| m.offset <= at) {
+            self.outbox.push_back(Event::Mark {
+                name: m.name.clone(),
+                offset,
+            });
+            self.job.marks_done += 1;
+        }
+    }
+
+    /// Queues the break silences at or before character `at`, and the marks before `at` or
+    /// before one of those breaks, in text order (a mark before a break at the same place). A
+    /// mark at `at` itself waits for the word there.
+    fn markup_before(&mut self, at: usize, sample_rate: u32) {
+        loop {
+            let markup = &self.job.req.markup;
+            let brk = markup
+                .breaks
+                .get(self.job.breaks_done)
+                .filter(|b| b.offset <= at)
+                .copied();
+            let mark = markup
+                .marks
+                .get(self.job.marks_done)
+                .filter(|m| m.offset < at || brk.is_some_and(|b| m.offset <= b.offset));
+            if let Some(m) = mark {
+                let at = m.offset;
+                self.marks_up_to(at, self.job.offset);
+                continue;
+            }
+            let Some(b) = brk else { return };
+            self.job.breaks_done += 1;
+            let mut left = b.millis as usize * sample_rate as usize / 1000;
+            while left > 0 {
+                let n = left.min(SILENCE_CHUNK);
+                self.emit(vec![0.0; n], 1.0);
+                left -= n;
+            }
+        }
+    }
+
+    /// Queues the words (and the marks before them) that start before the end of `samples`,
+    /// then the audio.
+    fn emit_spoken(&mut self, samples: Vec<f32>, all_words: bool) {
+        let end = self.job.offset + samples.len() as u64;
+        let start = self.job.offset;
+        let volume = self.utterance.as_ref().map_or(1.0, |u| u.volume);
+        while let Some(u) = self.utterance.as_mut() {
+            let Some((range, at)) = u.words.front().cloned() else {
+                break;
+            };
+            if at >= end && !all_words {
+                break;
+            }
+            u.words.pop_front();
+            let offset = at.clamp(start, end.saturating_sub(1).max(start));
+            self.marks_up_to(range.start, offset);
+            self.outbox.push_back(Event::Word { range, offset });
+        }
+        self.emit(samples, volume);
+    }
+
     /// Queues audio for the consumer.
-    fn emit(&mut self, mut samples: Vec<f32>) {
+    fn emit(&mut self, mut samples: Vec<f32>, volume: f32) {
         if samples.is_empty() {
             return;
         }
-        apply_gain(&mut samples, self.job.req.volume);
+        apply_gain(&mut samples, self.job.req.volume * volume);
         if self.job.first_audio.is_none() {
             self.job.first_audio = Some(self.job.submitted.elapsed());
         }
@@ -270,17 +355,37 @@ impl<'m> Active<'m> {
         }
         let prompt = prompt?;
         job.next_sentence += 1;
-        self.outbox.push_back(Event::Sentence { range });
+        self.markup_before(range.start, model.sample_rate());
+        let job = &mut self.job;
+        self.outbox.push_back(Event::Sentence {
+            range: range.clone(),
+        });
         let seed = job.req.seed.wrapping_add(job.next_sentence as u64 - 1);
         let opts = GenerateOptions {
             max_frames: job.req.max_frames,
             cfg_alpha: job.req.cfg_alpha,
         };
         let gen = model.start(&prompt, Box::new(SeededNoise::new(seed)), &opts)?;
+        let (rate, pitch, volume) = job.req.markup.prosody_at(range.start);
+        let rate = (job.req.rate * rate).clamp(MIN_RATE, MAX_RATE);
+        let pitch = (job.req.pitch * pitch).clamp(MIN_PITCH, MAX_PITCH);
+        // Where each word starts, at the job's pace, in samples after the rate change.
+        let samples_per_char = job.pace * model.samples_per_frame() as f64 / rate as f64;
+        let at = |w: &std::ops::Range<usize>| {
+            job.offset + ((w.start - range.start) as f64 * samples_per_char) as u64
+        };
+        let words = words(&job.req.text, &range)
+            .into_iter()
+            .map(|w| (w.clone(), at(&w)))
+            .collect();
         self.utterance = Some(Utterance {
             gen,
             dec: StreamingDecoder::new(cfg.schedule),
-            prosody: Prosody::new(model.sample_rate(), job.req.rate, job.req.pitch)?,
+            prosody: Prosody::new(model.sample_rate(), rate, pitch)?,
+            volume: volume.clamp(0.0, 1.0),
+            words,
+            chars: range.len(),
+            frames: 0,
         });
         Ok(())
     }
@@ -295,20 +400,29 @@ impl<'m> Active<'m> {
         match frame {
             Ok(Some(frame)) => {
                 self.job.control.frames.fetch_add(1, Ordering::SeqCst);
+                utt.frames += 1;
                 if let Some(samples) = utt.dec.push(model.codec(), frame.codes)? {
                     utt.prosody.push(&samples, &mut out)?;
                 }
+                self.emit_spoken(out, false);
             }
             // A sentence with no audio (e.g. only punctuation) is skipped, not fatal.
             Ok(None) | Err(Error::NoAudio) => {
                 utt.prosody.push(&utt.dec.flush(model.codec())?, &mut out)?;
                 utt.prosody.finish(&mut out)?;
+                // The pace of a sentence the model ended itself is the best estimate of the
+                // next one's.
+                if matches!(frame, Ok(None)) && utt.frames > 0 && utt.chars > 0 {
+                    let measured = utt.frames as f64 / utt.chars as f64;
+                    let pace = &mut self.job.pace;
+                    *pace = 0.5 * *pace + 0.5 * measured;
+                }
+                self.emit_spoken(out, true);
                 self.utterance = None;
                 self.spoke = true;
             }
             Err(e) => return Err(e),
         }
-        self.emit(out);
         Ok(())
     }
 
@@ -320,6 +434,7 @@ impl<'m> Active<'m> {
         {
             return;
         }
+        self.markup_before(usize::MAX, sample_rate);
         let secs = self.job.offset as f64 / sample_rate as f64;
         let took = self.job.started.map_or(0.0, |t| t.elapsed().as_secs_f64());
         self.end(Event::Finished {

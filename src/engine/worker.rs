@@ -28,6 +28,11 @@ pub(super) struct Queued {
     pub submitted: Instant,
     pub started: Option<Instant>,
     pub first_audio: Option<Duration>,
+    /// The request's SSML marks and breaks already delivered.
+    pub marks_done: usize,
+    pub breaks_done: usize,
+    /// Frames per character of this job's voice, measured on its sentences so far.
+    pub pace: f64,
 }
 
 impl Queued {

@@ -19,18 +19,18 @@ fn invalid(e: impl std::fmt::Display) -> zbus::fdo::Error {
     zbus::fdo::Error::InvalidArgs(e.to_string())
 }
 
-#[zbus::interface(name = "org.voxtrald.Daemon1")]
 impl Control {
-    /// Speaks on the daemon's own audio output; returns the job id. An empty voice is the
-    /// configured one.
-    async fn speak(
+    /// Queues a job on the daemon's output and relays its events as signals.
+    async fn start(
         &self,
         text: String,
+        ssml: bool,
         voice: String,
         priority: String,
-        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+        emitter: SignalEmitter<'_>,
     ) -> zbus::fdo::Result<u64> {
         let mut req = Request::new(text, Interface::Control, Destination::Speaker);
+        req.ssml = ssml;
         req.voice = Some(voice);
         req.priority = priority.parse().map_err(invalid)?;
         let mut job = self.speech.speak_async(req).await.map_err(invalid)?;
@@ -50,6 +50,13 @@ impl Control {
                     Event::Failed { reason } | Event::Cancelled { reason } => {
                         Control::job_failed(&emitter, id, &reason).await
                     }
+                    Event::Word { range, offset } => {
+                        let (start, end) = (range.start as u32, range.end as u32);
+                        Control::job_word(&emitter, id, start, end, offset).await
+                    }
+                    Event::Mark { name, offset } => {
+                        Control::job_mark(&emitter, id, &name, offset).await
+                    }
                     Event::Audio { .. } => Ok(()),
                 };
                 if let Err(e) = sent {
@@ -58,6 +65,32 @@ impl Control {
             }
         });
         Ok(id)
+    }
+}
+
+#[zbus::interface(name = "org.voxtrald.Daemon1")]
+impl Control {
+    /// Speaks on the daemon's own audio output; returns the job id. An empty voice is the
+    /// configured one.
+    async fn speak(
+        &self,
+        text: String,
+        voice: String,
+        priority: String,
+        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+    ) -> zbus::fdo::Result<u64> {
+        self.start(text, false, voice, priority, emitter).await
+    }
+
+    /// `Speak` for SSML: its `<mark/>`s come back as `JobMark` signals as they are spoken.
+    async fn speak_ssml(
+        &self,
+        ssml: String,
+        voice: String,
+        priority: String,
+        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+    ) -> zbus::fdo::Result<u64> {
+        self.start(ssml, true, voice, priority, emitter).await
     }
 
     /// Cancels one job; false if it is unknown or over.
@@ -135,6 +168,25 @@ impl Control {
         job: u64,
         start: u32,
         end: u32,
+    ) -> zbus::Result<()>;
+
+    /// A word starts at sample `offset` of the job's audio; sent as its audio is played.
+    #[zbus(signal)]
+    async fn job_word(
+        emitter: &SignalEmitter<'_>,
+        job: u64,
+        start: u32,
+        end: u32,
+        offset: u64,
+    ) -> zbus::Result<()>;
+
+    /// An SSML `<mark/>` of a `SpeakSsml` job is reached.
+    #[zbus(signal)]
+    async fn job_mark(
+        emitter: &SignalEmitter<'_>,
+        job: u64,
+        name: &str,
+        offset: u64,
     ) -> zbus::Result<()>;
 
     #[zbus(signal)]

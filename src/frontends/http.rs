@@ -2,8 +2,10 @@
 //! `GET /v1/audio/models`, `GET /v1/models`, `GET /v1/status`), for tools that speak it (Open
 //! WebUI, LibreChat, Home Assistant's OpenAI TTS, the `openai` SDK). Off unless the config names
 //! a loopback address. HTTP/1.1 with keep-alive (axum on hyper). The audio is streamed as it is
-//! generated (chunked), in MP3 (the API's default), FLAC, WAV or bare PCM, or as server-sent
-//! events; a client that goes away cancels its job.
+//! generated (chunked), in MP3 (the API's default), Ogg Opus, FLAC, WAV or bare PCM, or as server-sent
+//! events; a client that goes away cancels its job. `POST /dev/captioned_speech` (as
+//! Kokoro-FastAPI has it) adds word timestamps: one JSON object, or with `"stream": true` one
+//! JSON line per piece of audio with the words finished by then.
 
 use std::sync::Arc;
 
@@ -19,7 +21,7 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::audio::encode::{Encoder, Encoding};
+use crate::audio::encode::{self, Encoder, Encoding};
 use crate::engine::{Destination, Event, Interface};
 use crate::service::{scales, Request as SpeechRequest, Speaking, Speech};
 
@@ -31,6 +33,7 @@ pub async fn serve(
     let limit = speech.settings().limits.max_request_bytes;
     let app = Router::new()
         .route("/v1/audio/speech", post(speech_route))
+        .route("/dev/captioned_speech", post(captioned_route))
         .route("/v1/audio/voices", get(voices))
         .route("/v1/audio/models", get(models))
         .route("/v1/models", get(models))
@@ -117,6 +120,9 @@ struct SpeechBody {
     speed: Option<f32>,
     #[serde(default)]
     stream_format: Option<String>,
+    /// `/dev/captioned_speech` only: one JSON line per piece (default: one object at the end).
+    #[serde(default)]
+    stream: Option<bool>,
 }
 
 /// OpenAI's voice names (every built-in one its SDK lists), mapped onto this model's English
@@ -134,6 +140,8 @@ fn openai_voice(name: &str) -> Option<&'static str> {
 struct Delivery {
     encoding: Encoding,
     sse: bool,
+    /// Captioned: word timestamps with the audio, as lines (`Some(true)`) or one object.
+    captions: Option<bool>,
 }
 
 /// The request, or why it is a bad one (a 400).
@@ -146,6 +154,7 @@ fn parse(speech: &Speech, body: &[u8]) -> Result<(SpeechRequest, Delivery), Stri
         "flac" => Encoding::Flac,
         "wav" => Encoding::Wav,
         "pcm" => Encoding::Pcm,
+        "opus" if encode::available(Encoding::Opus) => Encoding::Opus,
         other @ ("opus" | "aac") => {
             return Err(format!(
                 "response_format {other:?} is not available in this voxtrald; use \"mp3\", \
@@ -183,21 +192,47 @@ fn parse(speech: &Speech, body: &[u8]) -> Result<(SpeechRequest, Delivery), Stri
     if let Some(speed) = b.speed {
         r.rate = scales::openai_speed(speed)?;
     }
-    Ok((r, Delivery { encoding, sse }))
+    let delivery = Delivery {
+        encoding,
+        sse,
+        captions: Some(b.stream.unwrap_or(false)),
+    };
+    Ok((r, delivery))
 }
 
 async fn speech_route(
     State(speech): State<Arc<Speech>>,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
+    respond(speech, body, false).await
+}
+
+async fn captioned_route(
+    State(speech): State<Arc<Speech>>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    respond(speech, body, true).await
+}
+
+async fn respond(
+    speech: Arc<Speech>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+    captioned: bool,
+) -> Response {
     let body = match body {
         Ok(b) => b,
         Err(e) => return error(e.status(), e.body_text()),
     };
-    let (req, delivery) = match parse(&speech, &body) {
+    let (req, mut delivery) = match parse(&speech, &body) {
         Ok(r) => r,
         Err(why) => return error(StatusCode::BAD_REQUEST, why),
     };
+    if !captioned {
+        delivery.captions = None;
+    }
+    let captions = delivery
+        .captions
+        .map(|lines| Captions::new(&req.text, speech.sample_rate(), lines));
     let job = match speech.speak_async(req).await {
         Ok(job) => job,
         Err(crate::Error::Internal(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
@@ -207,10 +242,11 @@ async fn speech_route(
         Ok(e) => e,
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };
-    let content_type = if delivery.sse {
-        "text/event-stream"
-    } else {
-        delivery.encoding.content_type()
+    let content_type = match (delivery.captions, delivery.sse) {
+        (Some(true), _) => "application/x-ndjson",
+        (Some(false), _) => "application/json",
+        (None, true) => "text/event-stream",
+        (None, false) => delivery.encoding.content_type(),
     };
     let chars = body.len();
     let stream = futures_util::stream::unfold(
@@ -219,6 +255,8 @@ async fn speech_route(
             encoder,
             sse: delivery.sse,
             chars,
+            captions,
+            format: delivery.encoding.name(),
         }),
         |state| async move {
             let mut s = state?;
@@ -244,6 +282,90 @@ struct Outgoing {
     encoder: Box<dyn Encoder>,
     sse: bool,
     chars: usize,
+    captions: Option<Captions>,
+    format: &'static str,
+}
+
+/// Word timestamps for a captioned response: a word ends where the next one starts, or where
+/// its sentence's audio ends.
+struct Captions {
+    text: Vec<char>,
+    sample_rate: f64,
+    lines: bool,
+    open: Option<(std::ops::Range<usize>, u64)>,
+    finished: Vec<Value>,
+    /// Samples of audio so far.
+    heard: u64,
+    /// The whole audio, for a single object.
+    audio: Vec<u8>,
+}
+
+impl Captions {
+    fn new(text: &str, sample_rate: u32, lines: bool) -> Self {
+        Self {
+            text: text.chars().collect(),
+            sample_rate: sample_rate as f64,
+            lines,
+            open: None,
+            finished: Vec::new(),
+            heard: 0,
+            audio: Vec::new(),
+        }
+    }
+
+    fn close(&mut self, end: u64) {
+        if let Some((r, start)) = self.open.take() {
+            let word: String = self
+                .text
+                .get(r)
+                .map(|c| c.iter().collect())
+                .unwrap_or_default();
+            self.finished.push(json!({
+                "word": word,
+                "start_time": start as f64 / self.sample_rate,
+                "end_time": end.max(start) as f64 / self.sample_rate,
+            }));
+        }
+    }
+
+    /// Takes an event's part in the captions.
+    fn event(&mut self, ev: &Event) {
+        match ev {
+            Event::Word { range, offset } => {
+                self.close(*offset);
+                self.open = Some((range.clone(), *offset));
+            }
+            Event::Sentence { .. } | Event::Finished { .. } => self.close(self.heard),
+            Event::Audio { samples, .. } => self.heard += samples.len() as u64,
+            _ => {}
+        }
+    }
+
+    /// The body piece for `bytes` of audio: a line with the words finished so far, or nothing
+    /// until the end for a single object.
+    fn piece(&mut self, bytes: Vec<u8>, last: bool, format: &str) -> Vec<u8> {
+        if !self.lines {
+            self.audio.extend_from_slice(&bytes);
+            if !last {
+                return Vec::new();
+            }
+        }
+        if !last && bytes.is_empty() && self.finished.is_empty() {
+            return Vec::new();
+        }
+        let audio = if self.lines {
+            bytes
+        } else {
+            std::mem::take(&mut self.audio)
+        };
+        let audio = base64::engine::general_purpose::STANDARD.encode(audio);
+        let timestamps = std::mem::take(&mut self.finished);
+        let mut out = json!({"audio": audio, "audio_format": format, "timestamps": timestamps})
+            .to_string()
+            .into_bytes();
+        out.push(b'\n');
+        out
+    }
 }
 
 impl Outgoing {
@@ -252,6 +374,9 @@ impl Outgoing {
     async fn next_piece(&mut self) -> Option<Result<Bytes, std::io::Error>> {
         loop {
             let ev = self.job.next().await?;
+            if let Some(c) = self.captions.as_mut() {
+                c.event(&ev);
+            }
             let (bytes, last) = match ev {
                 Event::Audio { samples, .. } => (self.encoder.push(&samples), false),
                 Event::Finished { .. } => (self.encoder.finish(), true),
@@ -265,6 +390,13 @@ impl Outgoing {
                 Ok(b) => b,
                 Err(e) => return Some(Err(std::io::Error::other(e.to_string()))),
             };
+            if let Some(c) = self.captions.as_mut() {
+                let piece = c.piece(bytes, last, self.format);
+                if piece.is_empty() {
+                    continue;
+                }
+                return Some(Ok(Bytes::from(piece)));
+            }
             if !self.sse {
                 if bytes.is_empty() && !last {
                     continue;

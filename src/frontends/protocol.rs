@@ -21,44 +21,50 @@ pub enum Output {
     Raw,
 }
 
+/// A `speak` request; what it leaves out is the configured default.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Speak {
+    pub text: String,
+    /// `text` is SSML: its marks come back as `mark` events, its breaks and prosody apply.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ssml: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub voice: Option<String>,
+    #[serde(default)]
+    pub priority: Priority,
+    #[serde(default)]
+    pub output: Output,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    /// Speaking rate, 0.25 to 4.0 (default: the configured rate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<f32>,
+    /// A multiple of the configured rate, for clients with a "normal" of their own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relative_rate: Option<f32>,
+    /// Pitch as a frequency ratio, 0.5 to 2.0 (default: the configured pitch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pitch: Option<f32>,
+    /// A multiple of the configured pitch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relative_pitch: Option<f32>,
+    /// Gain, 0.0 to 1.0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<f32>,
+    /// Characters to say by name, e.g. ",.?!" (Speech Dispatcher's punctuation modes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub punctuation: Option<String>,
+    /// Echoed back in `accepted`, to match replies to requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<Value>,
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Message {
-    Speak {
-        text: String,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        voice: Option<String>,
-        #[serde(default)]
-        priority: Priority,
-        #[serde(default)]
-        output: Output,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        seed: Option<u64>,
-        /// Speaking rate, 0.25 to 4.0 (default: the configured rate).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        rate: Option<f32>,
-        /// A multiple of the configured rate, for clients with a "normal" of their own.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        relative_rate: Option<f32>,
-        /// Pitch as a frequency ratio, 0.5 to 2.0 (default: the configured pitch).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        pitch: Option<f32>,
-        /// A multiple of the configured pitch.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        relative_pitch: Option<f32>,
-        /// Gain, 0.0 to 1.0.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        volume: Option<f32>,
-        /// Characters to say by name, e.g. ",.?!" (Speech Dispatcher's punctuation modes).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        punctuation: Option<String>,
-        /// Echoed back in `accepted`, to match replies to requests.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        tag: Option<Value>,
-    },
-    Cancel {
-        job: JobId,
-    },
+    Speak(Speak),
+    Cancel { job: JobId },
     Stop,
     Pause,
     Resume,
@@ -69,20 +75,11 @@ pub enum Message {
 impl Message {
     /// A `speak` with only the text and output; the other fields at their defaults.
     pub fn speak(text: impl Into<String>, output: Output) -> Self {
-        Message::Speak {
+        Message::Speak(Speak {
             text: text.into(),
-            voice: None,
-            priority: Priority::Text,
             output,
-            seed: None,
-            rate: None,
-            relative_rate: None,
-            pitch: None,
-            relative_pitch: None,
-            volume: None,
-            punctuation: None,
-            tag: None,
-        }
+            ..Speak::default()
+        })
     }
 }
 
@@ -101,6 +98,12 @@ pub fn event_json(job: JobId, ev: &Event, with_audio: bool) -> Option<Value> {
         Event::Started => json!({"event": "started", "job": job}),
         Event::Sentence { range } => {
             json!({"event": "sentence", "job": job, "start": range.start, "end": range.end})
+        }
+        Event::Word { range, offset } => {
+            json!({"event": "word", "job": job, "start": range.start, "end": range.end, "offset": offset})
+        }
+        Event::Mark { name, offset } => {
+            json!({"event": "mark", "job": job, "name": name, "offset": offset})
         }
         Event::Audio { offset, samples } => {
             if !with_audio {

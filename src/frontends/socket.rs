@@ -206,32 +206,21 @@ async fn handle(
     tx: &mpsc::Sender<Out>,
 ) -> std::result::Result<Option<Output>, String> {
     let reply = match msg {
-        Message::Speak {
-            text,
-            voice,
-            priority,
-            output,
-            seed,
-            rate,
-            relative_rate,
-            pitch,
-            relative_pitch,
-            volume,
-            punctuation,
-            tag,
-        } => {
+        Message::Speak(s) => {
+            let (output, tag) = (s.output, s.tag);
             let destination = match output {
                 Output::Play => Destination::Speaker,
                 Output::Stream | Output::Raw => Destination::Client,
             };
-            let mut req = Request::new(text, Interface::Socket, destination);
-            req.voice = voice;
-            req.priority = priority;
-            req.seed = seed;
-            req.rate = amount(rate, relative_rate);
-            req.pitch = amount(pitch, relative_pitch);
-            req.volume = volume;
-            req.punctuation = punctuation;
+            let mut req = Request::new(s.text, Interface::Socket, destination);
+            req.ssml = s.ssml;
+            req.voice = s.voice;
+            req.priority = s.priority;
+            req.seed = s.seed;
+            req.rate = amount(s.rate, s.relative_rate);
+            req.pitch = amount(s.pitch, s.relative_pitch);
+            req.volume = s.volume;
+            req.punctuation = s.punctuation;
             let job = speech.speak_async(req).await.map_err(|e| e.to_string())?;
             let mut accepted = serde_json::json!({"event": "accepted", "job": job.id, "tag": tag});
             if output != Output::Play {

@@ -10,19 +10,25 @@ use tokio::io::AsyncWriteExt;
 use crate::audio::pcm::s16le;
 use crate::engine::{Destination, Event, Interface};
 use crate::service::{scales, Request, Speaking, Speech};
-use crate::text::ssml;
 
 pub const PROVIDER_PATH: &str = "/org/voxtrald/Speech/Provider";
 
-/// `VOICE_FEATURE` flags of the Spiel interface that we honour: sentence events only.
+/// `VOICE_FEATURE` flags of the Spiel interface that we honour: word, sentence and SSML mark
+/// events, and `<break>`.
+pub const EVENTS_WORD: u64 = 0x1;
 pub const EVENTS_SENTENCE: u64 = 0x2;
+pub const EVENTS_SSML_MARK: u64 = 0x8;
+pub const SSML_BREAK: u64 = 0x1000;
+pub const FEATURES: u64 = EVENTS_WORD | EVENTS_SENTENCE | EVENTS_SSML_MARK | SSML_BREAK;
 
 /// The `audio/x-spiel` stream: version header, then event and audio chunks in host order.
 pub mod stream {
     pub const VERSION: &[u8; 4] = b"0.01";
     pub const CHUNK_AUDIO: u8 = 1;
     pub const CHUNK_EVENT: u8 = 2;
+    pub const EVENT_WORD: u8 = 1;
     pub const EVENT_SENTENCE: u8 = 2;
+    pub const EVENT_MARK: u8 = 4;
 
     pub fn audio_chunk(pcm: &[u8]) -> Vec<u8> {
         let mut out = Vec::with_capacity(5 + pcm.len());
@@ -32,14 +38,20 @@ pub mod stream {
         out
     }
 
-    pub fn sentence_chunk(start: u32, end: u32) -> Vec<u8> {
-        let mut out = Vec::with_capacity(14);
+    /// An event chunk: type, character range, then the mark name (its length in bytes).
+    pub fn event_chunk(kind: u8, start: u32, end: u32, name: &str) -> Vec<u8> {
+        let mut out = Vec::with_capacity(14 + name.len());
         out.push(CHUNK_EVENT);
-        out.push(EVENT_SENTENCE);
+        out.push(kind);
         out.extend_from_slice(&start.to_ne_bytes());
         out.extend_from_slice(&end.to_ne_bytes());
-        out.extend_from_slice(&0u32.to_ne_bytes());
+        out.extend_from_slice(&(name.len() as u32).to_ne_bytes());
+        out.extend_from_slice(name.as_bytes());
         out
+    }
+
+    pub fn sentence_chunk(start: u32, end: u32) -> Vec<u8> {
+        event_chunk(EVENT_SENTENCE, start, end, "")
     }
 }
 
@@ -61,13 +73,9 @@ impl Provider {
         is_ssml: bool,
         language: String,
     ) -> zbus::fdo::Result<()> {
-        let text = if is_ssml {
-            ssml::to_text(&text).0
-        } else {
-            text
-        };
         tracing::debug!(voice = %voice_id, %language, "Synthesize");
         let mut req = Request::new(text, Interface::Spiel, Destination::Client);
+        req.ssml = is_ssml;
         req.voice = Some(voice_id);
         req.rate = scales::spiel(rate);
         req.pitch = scales::spiel(pitch);
@@ -103,7 +111,7 @@ impl Provider {
                     v.display_name,
                     v.id,
                     format.clone(),
-                    EVENTS_SENTENCE,
+                    FEATURES,
                     vec![v.language],
                 )
             })
@@ -121,6 +129,10 @@ async fn write_stream(mut job: Speaking, mut pipe: tokio::net::unix::pipe::Sende
             Event::Sentence { range } => {
                 stream::sentence_chunk(range.start as u32, range.end as u32)
             }
+            Event::Word { range, .. } => {
+                stream::event_chunk(stream::EVENT_WORD, range.start as u32, range.end as u32, "")
+            }
+            Event::Mark { name, .. } => stream::event_chunk(stream::EVENT_MARK, 0, 0, name),
             Event::Audio { samples, .. } => stream::audio_chunk(&s16le(samples)),
             _ => continue,
         };

@@ -18,6 +18,7 @@ use crate::error::Result;
 use crate::model::Voxtral;
 use crate::settings::Settings;
 use crate::text::punctuation::SpokenPunctuation;
+use crate::text::ssml::{self, Markup};
 pub use scales::Amount;
 use speaker::Speaker;
 pub use voices::Voice;
@@ -31,6 +32,8 @@ pub type Speaking = Job;
 #[derive(Debug, Clone)]
 pub struct Request {
     pub text: String,
+    /// `text` is SSML: it is read as plain text with its marks, breaks and prosody.
+    pub ssml: bool,
     /// A voice id; `None` (or empty) for the configured voice.
     pub voice: Option<String>,
     pub rate: Amount,
@@ -50,6 +53,7 @@ impl Request {
     pub fn new(text: impl Into<String>, interface: Interface, destination: Destination) -> Self {
         Self {
             text: text.into(),
+            ssml: false,
             voice: None,
             rate: Amount::Default,
             pitch: Amount::Default,
@@ -127,7 +131,13 @@ impl Speech {
             .voice
             .filter(|v| !v.is_empty())
             .unwrap_or_else(|| s.voice.clone());
-        let mut r = SpeechRequest::new(req.text, voice);
+        let (text, markup) = if req.ssml {
+            ssml::parse(&req.text)
+        } else {
+            (req.text, Markup::default())
+        };
+        let mut r = SpeechRequest::new(text, voice);
+        r.markup = markup;
         r.priority = req.priority;
         r.seed = req.seed.unwrap_or(0);
         r.max_frames = s.limits.max_frames;

@@ -140,6 +140,54 @@ fn push_trimmed(chars: &[char], r: Range<usize>, max_chars: usize, out: &mut Vec
     push_trimmed(chars, cut..e, max_chars, out);
 }
 
+/// `sentences` cut further at each offset in `cuts` (sorted) that falls inside one, each piece
+/// trimmed of whitespace; pieces of nothing but whitespace are dropped. SSML breaks and prosody
+/// spans start and end at such cuts.
+pub fn cut_at(text: &str, sentences: &[Range<usize>], cuts: &[usize]) -> Vec<Range<usize>> {
+    if cuts.is_empty() {
+        return sentences.to_vec();
+    }
+    let chars: Vec<char> = text.chars().collect();
+    let mut out = Vec::new();
+    for r in sentences {
+        let mut start = r.start;
+        for &c in cuts.iter().filter(|&&c| c > r.start && c < r.end) {
+            push_trimmed(&chars, start..c, usize::MAX, &mut out);
+            start = c;
+        }
+        push_trimmed(&chars, start..r.end, usize::MAX, &mut out);
+    }
+    out
+}
+
+/// The words of `text` in `r`, as character ranges: runs of non-space characters, and each
+/// CJK character on its own (those scripts put no spaces between words).
+pub fn words(text: &str, r: &Range<usize>) -> Vec<Range<usize>> {
+    let mut out = Vec::new();
+    let mut start = None;
+    for (i, c) in text.chars().enumerate().skip(r.start).take(r.len()) {
+        if c.is_whitespace() || is_ideograph(c) {
+            if let Some(s) = start.take() {
+                out.push(s..i);
+            }
+            if !c.is_whitespace() {
+                out.push(i..i + 1);
+            }
+        } else if start.is_none() {
+            start = Some(i);
+        }
+    }
+    if let Some(s) = start {
+        out.push(s..r.end);
+    }
+    out
+}
+
+/// Han and kana: scripts written without spaces between words.
+fn is_ideograph(c: char) -> bool {
+    matches!(c as u32, 0x3040..=0x30FF | 0x3400..=0x4DBF | 0x4E00..=0x9FFF | 0xF900..=0xFAFF)
+}
+
 /// The substring for a character range.
 pub fn char_slice(text: &str, r: &Range<usize>) -> String {
     text.chars().skip(r.start).take(r.end - r.start).collect()
@@ -148,6 +196,23 @@ pub fn char_slice(text: &str, r: &Range<usize>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cuts_and_words() {
+        let t = "Hello there world. Next one";
+        let s = split_sentences(t, 400);
+        let cut = cut_at(t, &s, &[6, 11, 18, 19]);
+        let got: Vec<String> = cut.iter().map(|r| char_slice(t, r)).collect();
+        assert_eq!(got, ["Hello", "there", "world.", "Next one"]);
+        let w: Vec<String> = words(t, &(0..t.len()))
+            .iter()
+            .map(|r| char_slice(t, r))
+            .collect();
+        assert_eq!(w, ["Hello", "there", "world.", "Next", "one"]);
+        let j = "日本 go";
+        let w: Vec<String> = words(j, &(0..5)).iter().map(|r| char_slice(j, r)).collect();
+        assert_eq!(w, ["日", "本", "go"]);
+    }
 
     fn split(t: &str) -> Vec<String> {
         split_sentences(t, 300)

@@ -68,11 +68,31 @@ pub async fn synthesize_with(
     pitch: f64,
     rate: f64,
 ) -> std::io::PipeReader {
+    synthesize_full(p, text, voice, pitch, rate, false).await
+}
+
+/// Calls Synthesize with everything spelled out.
+pub async fn synthesize_full(
+    p: &zbus::Proxy<'_>,
+    text: &str,
+    voice: &str,
+    pitch: f64,
+    rate: f64,
+    is_ssml: bool,
+) -> std::io::PipeReader {
     let (reader, writer) = std::io::pipe().unwrap();
     let () = p
         .call(
             "Synthesize",
-            &(zbus::Fd::from(&writer), text, voice, pitch, rate, false, ""),
+            &(
+                zbus::Fd::from(&writer),
+                text,
+                voice,
+                pitch,
+                rate,
+                is_ssml,
+                "",
+            ),
         )
         .await
         .unwrap();
@@ -83,7 +103,9 @@ pub async fn synthesize_with(
 #[derive(Debug, PartialEq)]
 pub enum Chunk {
     Audio(usize),
+    Word(u32, u32),
     Sentence(u32, u32),
+    Mark(String),
 }
 
 /// Parses an `audio/x-spiel` stream to its end.
@@ -109,14 +131,19 @@ pub fn parse_stream_audio(mut r: impl Read) -> (Vec<Chunk>, Vec<u8>) {
                 i += 5 + n;
             }
             2 => {
-                assert_eq!(all[i + 1], 2, "only sentence events are advertised");
                 let (s, e, m) = (
                     u32_at(&all, i + 2),
                     u32_at(&all, i + 6),
-                    u32_at(&all, i + 10),
+                    u32_at(&all, i + 10) as usize,
                 );
-                out.push(Chunk::Sentence(s, e));
-                i += 14 + m as usize;
+                let name = String::from_utf8(all[i + 14..i + 14 + m].to_vec()).unwrap();
+                out.push(match all[i + 1] {
+                    1 => Chunk::Word(s, e),
+                    2 => Chunk::Sentence(s, e),
+                    4 => Chunk::Mark(name),
+                    other => panic!("event type {other} is not advertised"),
+                });
+                i += 14 + m;
             }
             t => panic!("bad chunk type {t} at {i}"),
         }
