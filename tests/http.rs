@@ -6,7 +6,7 @@ mod common;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 
-use common::http::{get, post, read_response, request};
+use common::http::{get, post, post_to, read_response, request};
 use common::served::Served;
 use serde_json::json;
 
@@ -175,4 +175,74 @@ fn no_address_no_listener() {
     let d = Served::start("[limits]\nmax_frames = 6\n", &[]);
     let status = d.connect().call(json!({"op": "status"}));
     assert!(status["http"].is_null());
+}
+
+#[test]
+fn captioned_speech_gives_word_timestamps_with_the_audio() {
+    let d = Served::start("http = \"127.0.0.1:0\"\n[limits]\nmax_frames = 6\n", &[]);
+    let addr = d.connect().call(json!({"op": "status"}))["http"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let body = r#"{"model": "kokoro", "input": "One two three. Four five.", "voice": "alloy", "response_format": "pcm"}"#;
+    let one = post_to(&addr, "/dev/captioned_speech", body);
+    assert_eq!(one.status, 200);
+    assert_eq!(one.header("content-type"), Some("application/json"));
+    let v = one.json();
+    use base64::Engine as _;
+    let audio = base64::engine::general_purpose::STANDARD
+        .decode(v["audio"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(audio.len(), 2 * 6 * 1920 * 2, "all the audio");
+    let words: Vec<&str> = v["timestamps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["word"].as_str().unwrap())
+        .collect();
+    assert_eq!(words, ["One", "two", "three.", "Four", "five."]);
+    let times: Vec<(f64, f64)> = v["timestamps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["start_time"].as_f64().unwrap(),
+                t["end_time"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    let seconds = audio.len() as f64 / 2.0 / 24000.0;
+    for w in times.windows(2) {
+        assert!(w[0].0 <= w[0].1 && w[0].1 <= w[1].0 + 1e-9, "{times:?}");
+    }
+    assert_eq!(times[0].0, 0.0);
+    assert!(
+        (times[3].0 - 0.48).abs() < 1e-6,
+        "the second sentence starts at 6 frames: {times:?}"
+    );
+    assert!(times[4].1 <= seconds + 1e-9);
+
+    // Streamed: one JSON line per piece; together the same audio and words.
+    let body = body.replace('}', r#", "stream": true}"#);
+    let lines = post_to(&addr, "/dev/captioned_speech", &body);
+    assert_eq!(lines.header("content-type"), Some("application/x-ndjson"));
+    let text = String::from_utf8(lines.body.clone()).unwrap();
+    let pieces: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(pieces.len() > 2, "{} pieces", pieces.len());
+    let mut streamed = Vec::new();
+    let mut n_words = 0;
+    for p in &pieces {
+        streamed.extend(
+            base64::engine::general_purpose::STANDARD
+                .decode(p["audio"].as_str().unwrap())
+                .unwrap(),
+        );
+        n_words += p["timestamps"].as_array().unwrap().len();
+    }
+    assert_eq!(streamed, audio);
+    assert_eq!(n_words, 5);
 }

@@ -32,6 +32,28 @@ fn flac_samples(bytes: &[u8]) -> usize {
     n
 }
 
+/// Decoded samples of an Ogg Opus stream, and its length by the last granule position.
+fn opus_samples(bytes: &[u8]) -> (usize, usize) {
+    let mut r = ogg::reading::PacketReader::new(std::io::Cursor::new(bytes));
+    let head = r.read_packet_expected().expect("OpusHead");
+    assert_eq!(&head.data[..8], b"OpusHead");
+    let pre_skip = u16::from_le_bytes([head.data[10], head.data[11]]) as u64;
+    let tags = r.read_packet_expected().expect("OpusTags");
+    assert_eq!(&tags.data[..8], b"OpusTags");
+    let mut dec = opus::Decoder::new(24000, opus::Channels::Mono).unwrap();
+    let (mut n, mut granule, mut ended) = (0, 0, false);
+    while let Some(p) = r.read_packet().expect("a whole Ogg page") {
+        let mut buf = vec![0f32; 5760];
+        n += dec
+            .decode_float(&p.data, &mut buf, false)
+            .expect("a decodable packet");
+        granule = p.absgp_page();
+        ended = p.last_in_stream();
+    }
+    assert!(ended, "the last page ends the stream");
+    (n, ((granule - pre_skip) / 2) as usize)
+}
+
 #[test]
 fn the_openai_client_gets_decodable_audio_in_every_format() {
     let d = Served::start("http = \"127.0.0.1:0\"\n[limits]\nmax_frames = 4\n", &[]);
@@ -55,6 +77,10 @@ fn the_openai_client_gets_decodable_audio_in_every_format() {
             "{name}: {n}"
         );
     }
+    assert_eq!(report["opus"]["type"], "audio/ogg");
+    let (decoded, length) = opus_samples(&read("opus"));
+    assert_eq!(length, SAMPLES, "the granule position counts every sample");
+    assert!(decoded >= SAMPLES, "opus: {decoded}");
     assert_eq!(report["flac"]["type"], "audio/flac");
     let n = flac_samples(&read("flac"));
     assert!((SAMPLES..SAMPLES + 16).contains(&n), "flac: {n}");

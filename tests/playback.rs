@@ -4,75 +4,11 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
+use common::pulse::start_pulse;
 use common::*;
-
-struct Pulse {
-    daemon: Child,
-    runtime: tempfile::TempDir,
-}
-
-impl Drop for Pulse {
-    fn drop(&mut self) {
-        let _ = self.daemon.kill();
-        let _ = self.daemon.wait();
-    }
-}
-
-fn have(cmd: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {cmd}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// A private PulseAudio server with a null sink; `None` (skip) only outside CI.
-fn start_pulse() -> Option<Pulse> {
-    if !have("pulseaudio") || !have("parec") {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must install pulseaudio and pulseaudio-utils"
-        );
-        eprintln!("skipping: pulseaudio/parec not installed");
-        return None;
-    }
-    let runtime = tempfile::tempdir().unwrap();
-    let daemon = Command::new("pulseaudio")
-        .args([
-            "-n",
-            "--daemonize=no",
-            "--exit-idle-time=-1",
-            "--disallow-exit",
-            "--load=module-null-sink sink_name=nullsink rate=48000 format=float32le channels=2",
-            "--load=module-native-protocol-unix",
-        ])
-        .env("XDG_RUNTIME_DIR", runtime.path())
-        .env("HOME", runtime.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("starting pulseaudio");
-    let p = Pulse { daemon, runtime };
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(20) {
-        let ok = Command::new("pactl")
-            .arg("info")
-            .env("XDG_RUNTIME_DIR", p.runtime.path())
-            .env("HOME", p.runtime.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if ok {
-            return Some(p);
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("pulseaudio did not come up");
-}
 
 fn read_f32(path: &Path) -> Vec<f32> {
     std::fs::read(path)

@@ -14,7 +14,7 @@ report = {}
 
 # Every format, and none at all (the API's default, MP3), in one client: its connection pool
 # keeps the connection alive between requests.
-for fmt in [None, "mp3", "flac", "wav", "pcm"]:
+for fmt in [None, "mp3", "opus", "flac", "wav", "pcm"]:
     extra = {} if fmt is None else {"response_format": fmt}
     r = client.audio.speech.create(
         model="tts-1", voice="alloy", input=TEXT, instructions="Speak calmly.", **extra

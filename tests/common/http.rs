@@ -87,10 +87,14 @@ pub fn read_response(r: &mut BufReader<TcpStream>) -> Response {
 }
 
 pub fn post(addr: &str, body: &str) -> Response {
+    post_to(addr, "/v1/audio/speech", body)
+}
+
+pub fn post_to(addr: &str, path: &str, body: &str) -> Response {
     request(
         addr,
         format!(
-            "POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
              Content-Length: {}\r\n\r\n{body}",
             body.len()
         )
