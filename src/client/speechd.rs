@@ -42,11 +42,12 @@ impl Out {
         self.w.flush()
     }
 
+    fn mark(&mut self, name: &str) -> std::io::Result<()> {
+        self.line(&format!("700-{name}\n700 INDEX MARK"))
+    }
+
     fn marks(&mut self, marks: &[Mark]) -> std::io::Result<()> {
-        for m in marks {
-            self.line(&format!("700-{}\n700 INDEX MARK", m.name))?;
-        }
-        Ok(())
+        marks.iter().try_for_each(|m| self.mark(&m.name))
     }
 
     /// One `705` block of 16-bit mono PCM, HDLC-escaped so that the data holds no newline.
@@ -382,17 +383,19 @@ impl Module {
             // No sound icons: an empty message that begins and ends.
             _ => (String::new(), false),
         };
-        let (plain, marks) = if ssml {
-            ssml::to_text(&text)
+        // Nothing to say (maybe marks only): answered here, without the daemon.
+        let (blank, marks) = if ssml {
+            let (plain, marks) = ssml::to_text(&text);
+            (plain.trim().is_empty(), marks)
         } else {
-            (text.clone(), Vec::new())
+            (text.trim().is_empty(), Vec::new())
         };
         let n = {
             let mut o = lock(&self.out);
             o.open = true;
             o.current
         };
-        if plain.trim().is_empty() {
+        if blank {
             let mut o = lock(&self.out);
             o.line("701 BEGIN")?;
             o.marks(&marks)?;
@@ -477,10 +480,7 @@ impl Utterance {
                 }
                 // In its place among the audio blocks: the server reports it as playback
                 // reaches it.
-                "mark" => o.line(&format!(
-                    "700-{}\n700 INDEX MARK",
-                    ev["name"].as_str().unwrap_or("")
-                ))?,
+                "mark" => o.mark(ev["name"].as_str().unwrap_or(""))?,
                 "audio" => {
                     let pcm = base64::engine::general_purpose::STANDARD
                         .decode(ev["pcm"].as_str().unwrap_or(""))

@@ -374,7 +374,8 @@ impl<'m> Active<'m> {
         let at = |w: &std::ops::Range<usize>| {
             job.offset + ((w.start - range.start) as f64 * samples_per_char) as u64
         };
-        let words = words(&job.req.text, &range)
+        // From the sentence already cut out above: no second walk through the whole text.
+        let words = words(&text, range.start)
             .into_iter()
             .map(|w| (w.clone(), at(&w)))
             .collect();

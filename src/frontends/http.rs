@@ -145,7 +145,11 @@ struct Delivery {
 }
 
 /// The request, or why it is a bad one (a 400).
-fn parse(speech: &Speech, body: &[u8]) -> Result<(SpeechRequest, Delivery), String> {
+fn parse(
+    speech: &Speech,
+    body: &[u8],
+    captioned: bool,
+) -> Result<(SpeechRequest, Delivery), String> {
     let b: SpeechBody =
         serde_json::from_slice(body).map_err(|e| format!("bad request body: {e}"))?;
     // Absent means MP3, as in OpenAI's API (and what most clients then expect).
@@ -195,7 +199,7 @@ fn parse(speech: &Speech, body: &[u8]) -> Result<(SpeechRequest, Delivery), Stri
     let delivery = Delivery {
         encoding,
         sse,
-        captions: Some(b.stream.unwrap_or(false)),
+        captions: captioned.then(|| b.stream.unwrap_or(false)),
     };
     Ok((r, delivery))
 }
@@ -223,13 +227,10 @@ async fn respond(
         Ok(b) => b,
         Err(e) => return error(e.status(), e.body_text()),
     };
-    let (req, mut delivery) = match parse(&speech, &body) {
+    let (req, delivery) = match parse(&speech, &body, captioned) {
         Ok(r) => r,
         Err(why) => return error(StatusCode::BAD_REQUEST, why),
     };
-    if !captioned {
-        delivery.captions = None;
-    }
     let captions = delivery
         .captions
         .map(|lines| Captions::new(&req.text, speech.sample_rate(), lines));

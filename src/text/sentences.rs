@@ -160,12 +160,15 @@ pub fn cut_at(text: &str, sentences: &[Range<usize>], cuts: &[usize]) -> Vec<Ran
     out
 }
 
-/// The words of `text` in `r`, as character ranges: runs of non-space characters, and each
-/// CJK character on its own (those scripts put no spaces between words).
-pub fn words(text: &str, r: &Range<usize>) -> Vec<Range<usize>> {
+/// The words of `sentence`, as character ranges counted from `first` (the sentence's own
+/// offset in its text): runs of non-space characters, and each CJK character on its own (those
+/// scripts put no spaces between words).
+pub fn words(sentence: &str, first: usize) -> Vec<Range<usize>> {
     let mut out = Vec::new();
     let mut start = None;
-    for (i, c) in text.chars().enumerate().skip(r.start).take(r.len()) {
+    let mut end = first;
+    for (i, c) in (first..).zip(sentence.chars()) {
+        end = i + 1;
         if c.is_whitespace() || is_ideograph(c) {
             if let Some(s) = start.take() {
                 out.push(s..i);
@@ -178,7 +181,7 @@ pub fn words(text: &str, r: &Range<usize>) -> Vec<Range<usize>> {
         }
     }
     if let Some(s) = start {
-        out.push(s..r.end);
+        out.push(s..end);
     }
     out
 }
@@ -204,14 +207,13 @@ mod tests {
         let cut = cut_at(t, &s, &[6, 11, 18, 19]);
         let got: Vec<String> = cut.iter().map(|r| char_slice(t, r)).collect();
         assert_eq!(got, ["Hello", "there", "world.", "Next one"]);
-        let w: Vec<String> = words(t, &(0..t.len()))
-            .iter()
-            .map(|r| char_slice(t, r))
-            .collect();
+        let w: Vec<String> = words(t, 0).iter().map(|r| char_slice(t, r)).collect();
         assert_eq!(w, ["Hello", "there", "world.", "Next", "one"]);
         let j = "日本 go";
-        let w: Vec<String> = words(j, &(0..5)).iter().map(|r| char_slice(j, r)).collect();
+        let w: Vec<String> = words(j, 0).iter().map(|r| char_slice(j, r)).collect();
         assert_eq!(w, ["日", "本", "go"]);
+        // Counted from the sentence's place in its text.
+        assert_eq!(words("ab cd", 10), [10..12, 13..15]);
     }
 
     fn split(t: &str) -> Vec<String> {
