@@ -12,6 +12,7 @@ pub mod atomic;
 pub mod audio;
 pub mod cli;
 pub mod client;
+pub mod clone;
 pub mod daemon;
 pub mod download;
 pub mod engine;
