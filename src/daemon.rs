@@ -90,6 +90,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
     );
     rt.block_on(async move {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(watch_voice_library(speech.clone()));
         let sock = tokio::spawn(frontends::socket::serve(
             speech.clone(),
             listener,
@@ -134,6 +135,21 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
     })?;
     drop(path_guard);
     Ok(())
+}
+
+/// How often the daemon looks at the voice library folder for voices added, changed or
+/// removed by another program (`voxtrald voice ...` without a running daemon's help, a copy).
+const LIBRARY_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Keeps the user voices in line with the library folder. A listing of one small folder a
+/// second costs nothing measurable, and works on every filesystem, unlike change notification.
+async fn watch_voice_library(speech: Arc<Speech>) {
+    let mut tick = tokio::time::interval(LIBRARY_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let _ = speech.off_runtime(Speech::sync_voices).await;
+    }
 }
 
 /// Removes the socket however `serve` ends (an error while loading, say).

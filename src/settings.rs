@@ -129,6 +129,8 @@ pub struct Config {
     pub volume: Option<f32>,
     /// Unix socket path (default `$XDG_RUNTIME_DIR/voxtrald/voxtrald.sock`).
     pub socket: Option<PathBuf>,
+    /// The user voice library (default `$XDG_DATA_HOME/voxtrald/voices`).
+    pub voices: Option<PathBuf>,
     /// Serve D-Bus on the session bus (default true).
     pub dbus: Option<bool>,
     /// Serve the OpenAI-style speech API on this loopback address, e.g. `"127.0.0.1:8880"`
@@ -398,6 +400,7 @@ pub struct Settings {
     /// Gain of the daemon's own playback.
     pub volume: f32,
     socket: Option<PathBuf>,
+    voices: Option<PathBuf>,
     pub dbus: bool,
     pub http: Option<SocketAddr>,
     pub wyoming: Option<ListenAddr>,
@@ -421,6 +424,7 @@ impl Settings {
             pitch: cfg.pitch.unwrap_or(1.0),
             volume: cfg.volume.unwrap_or(1.0),
             socket: o.socket.or(cfg.socket.clone()),
+            voices: cfg.voices.clone(),
             dbus: !o.no_dbus && cfg.dbus.unwrap_or(true),
             http: cfg.http.map(|a| a.0),
             wyoming: cfg.wyoming.clone(),
@@ -436,6 +440,13 @@ impl Settings {
 
     pub fn socket_path(&self) -> Result<PathBuf> {
         socket_path(self.socket.as_deref())
+    }
+
+    /// The user voice library's folder.
+    pub fn voices_dir(&self) -> Option<PathBuf> {
+        self.voices
+            .clone()
+            .or_else(crate::library::Library::default_dir)
     }
 
     pub fn stall_timeout(&self) -> Duration {

@@ -237,7 +237,7 @@ fn all_release_voices_load_with_their_languages() {
         let rows = m.voice(&v.name).unwrap();
         assert_eq!(Some(rows.dim(0).unwrap()), v.rows);
     }
-    let lang = |n: &str| m.voices().find(|v| v.name == n).unwrap().language;
+    let lang = |n: &str| m.voices().find(|v| v.name == n).unwrap().language.clone();
     assert_eq!(lang("fr_female"), "fr");
     assert_eq!(lang("cheerful_female"), "en");
     assert_eq!(lang("hi_male"), "hi");

@@ -1,7 +1,8 @@
-//! Audio after the model: sample formats and gain (`pcm`), WAV files and streamed WAV
-//! headers (`wav`), speaking rate and pitch (`prosody`, `stretch`, `resample`), and the sound
-//! card (`playback`).
+//! Audio around the model. Before it: reference clips for cloning (`clip`). After it: sample
+//! formats and gain (`pcm`), WAV files and streamed WAV headers (`wav`), speaking rate and
+//! pitch (`prosody`, `stretch`, `resample`), and the sound card (`playback`).
 
+pub mod clip;
 pub mod encode;
 pub mod pcm;
 pub mod playback;

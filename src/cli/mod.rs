@@ -5,6 +5,7 @@ mod bench;
 mod dev;
 mod say;
 mod serve;
+mod voice;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -41,6 +42,9 @@ enum Command {
         #[command(flatten)]
         model: ModelArgs,
     },
+    /// Your own voices: list, import, export, remove, rename, and create (clone from a clip).
+    #[command(subcommand)]
+    Voice(voice::VoiceCommand),
     /// Measure load, prefill, per-frame and first-audio times.
     Bench(bench::BenchArgs),
     /// Download the official weights (resumable, verified) into the model directory.
@@ -156,6 +160,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Voice(v) => voice::run(v),
         Command::Bench(a) => bench::run(a),
         Command::Serve(a) => crate::daemon::run(Settings::resolve(a.overrides())?),
         Command::Pull {

@@ -202,6 +202,15 @@ pub fn run(a: SayArgs) -> anyhow::Result<()> {
     let model = Arc::new(model_settings.load()?);
     // The daemon's defaults and pronunciations apply here too.
     let settings = Settings::of_this_user()?;
+    let voice = a.voice.clone().unwrap_or(settings.voice.clone());
+    // A voice of the user's library, when no preset has that name.
+    if !model.voices().any(|v| v.name == voice) {
+        if let Some(dir) = settings.voices_dir() {
+            if let Ok(v) = crate::library::Library::new(dir).get(&voice) {
+                crate::service::voices::install_user_voice(&model, &v)?;
+            }
+        }
+    }
     let engine = Engine::new(model, settings.engine_config());
     let (text, markup) = if a.ssml {
         ssml::parse(&text)
@@ -210,7 +219,7 @@ pub fn run(a: SayArgs) -> anyhow::Result<()> {
     };
     let mut job = engine.submit(SpeechRequest {
         text,
-        voice: a.voice.clone().unwrap_or(settings.voice),
+        voice,
         priority: Priority::Text,
         seed: a.seed,
         cfg_alpha: a.cfg_alpha,

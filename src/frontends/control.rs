@@ -6,8 +6,10 @@ use std::sync::Arc;
 
 use zbus::object_server::SignalEmitter;
 
+use super::protocol::code_offset;
 use crate::engine::{Destination, Event, Interface, JobId};
-use crate::service::{Request, Speech};
+use crate::library::UserVoice;
+use crate::service::{Request, Speech, Voice};
 
 pub const CONTROL_PATH: &str = "/org/voxtrald/Daemon";
 
@@ -122,6 +124,64 @@ impl Control {
         voices.into_iter().map(|v| (v.id, v.language)).collect()
     }
 
+    /// The user's voices: (name, language, description, problem). A damaged file is listed
+    /// with its error as the problem; the others have an empty one.
+    async fn list_user_voices(&self) -> zbus::fdo::Result<Vec<(String, String, String, String)>> {
+        let entries = self
+            .speech
+            .try_off_runtime(|s| s.user_voices())
+            .await
+            .map_err(invalid)?;
+        Ok(entries.into_iter().map(user_voice_row).collect())
+    }
+
+    /// Stores `[T, 37]` codes from a `.npy` file (`offset`: "auto", "0" or "2") as a voice;
+    /// returns its id. It is on every interface at once.
+    async fn import_voice(
+        &self,
+        name: String,
+        language: String,
+        codes: String,
+        offset: String,
+    ) -> zbus::fdo::Result<String> {
+        let offset =
+            code_offset(Some(offset.as_str()).filter(|o| !o.is_empty())).map_err(invalid)?;
+        let v = self
+            .speech
+            .try_off_runtime(move |s| s.import_voice(&name, &language, codes.as_ref(), offset))
+            .await
+            .map_err(invalid)?;
+        Ok(v.id)
+    }
+
+    /// Writes a user voice's codes to a `.npy` file.
+    async fn export_voice(&self, name: String, path: String) -> zbus::fdo::Result<()> {
+        self.speech
+            .try_off_runtime(move |s| s.export_voice(&name, path.as_ref()))
+            .await
+            .map_err(invalid)
+    }
+
+    async fn remove_voice(&self, name: String) -> zbus::fdo::Result<()> {
+        self.speech
+            .try_off_runtime(move |s| s.remove_voice(&name))
+            .await
+            .map_err(invalid)
+    }
+
+    async fn rename_voice(&self, from: String, to: String) -> zbus::fdo::Result<String> {
+        let v = self
+            .speech
+            .try_off_runtime(move |s| s.rename_voice(&from, &to))
+            .await
+            .map_err(invalid)?;
+        Ok(v.id)
+    }
+
+    /// A voice was added, changed or removed: `ListVoices` has changed.
+    #[zbus(signal)]
+    pub async fn voices_changed(emitter: &SignalEmitter<'_>) -> zbus::Result<()>;
+
     /// The status, each value as a string (numbers in decimal, absent ones empty).
     fn status(&self) -> HashMap<String, String> {
         let status = serde_json::to_value(self.speech.status()).unwrap_or_default();
@@ -199,4 +259,21 @@ impl Control {
 
     #[zbus(signal)]
     async fn job_failed(emitter: &SignalEmitter<'_>, job: u64, reason: &str) -> zbus::Result<()>;
+}
+
+/// A `ListUserVoices` row.
+fn user_voice_row(entry: crate::Result<UserVoice>) -> (String, String, String, String) {
+    match entry {
+        Ok(v) => {
+            let d = Voice::user(&v).description;
+            (v.name, v.language, d, String::new())
+        }
+        Err(e) => {
+            let name = match &e {
+                crate::Error::Voice { voice, .. } => voice.clone(),
+                _ => String::new(),
+            };
+            (name, String::new(), String::new(), e.to_string())
+        }
+    }
 }

@@ -27,10 +27,40 @@ pub async fn serve_dbus(speech: Arc<Speech>) -> zbus::Result<zbus::Connection> {
     let provider = spiel::Provider {
         speech: speech.clone(),
     };
-    zbus::connection::Builder::session()
+    let connection = zbus::connection::Builder::session()
         .serve_at(spiel::PROVIDER_PATH, provider)
-        .serve_at(control::CONTROL_PATH, control::Control { speech })
+        .serve_at(
+            control::CONTROL_PATH,
+            control::Control {
+                speech: speech.clone(),
+            },
+        )
         .name(BUS_NAME)
         .build()
-        .await
+        .await?;
+    tokio::spawn(announce_voice_changes(speech, connection.clone()));
+    Ok(connection)
+}
+
+/// Tells D-Bus clients when the voice list changes: Spiel's `Voices` property
+/// (`PropertiesChanged`) and the control interface's `VoicesChanged` signal.
+async fn announce_voice_changes(speech: Arc<Speech>, connection: zbus::Connection) {
+    let mut changes = speech.voice_changes();
+    while changes.changed().await.is_ok() {
+        let server = connection.object_server();
+        if let Ok(provider) = server
+            .interface::<_, spiel::Provider>(spiel::PROVIDER_PATH)
+            .await
+        {
+            let emitter = provider.signal_emitter();
+            if let Err(e) = provider.get().await.voices_changed(emitter).await {
+                tracing::debug!(error = %e, "Voices change not announced");
+            }
+        }
+        if let Ok(emitter) =
+            zbus::object_server::SignalEmitter::new(&connection, control::CONTROL_PATH)
+        {
+            let _ = control::Control::voices_changed(&emitter).await;
+        }
+    }
 }

@@ -7,6 +7,7 @@ use serde_json::{json, Value};
 
 use crate::audio::pcm::s16le;
 use crate::engine::{Event, JobId, Priority};
+use crate::library::{CodeOffset, UserVoice};
 use crate::service::{Amount, Status, Voice};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
@@ -64,12 +65,37 @@ pub struct Speak {
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Message {
     Speak(Speak),
-    Cancel { job: JobId },
+    Cancel {
+        job: JobId,
+    },
     Stop,
     Pause,
     Resume,
     Voices,
     Status,
+    /// The user's voices with their details, and damaged voice files.
+    UserVoices,
+    /// Stores `[T, 37]` codes from a `.npy` file as a new voice.
+    VoiceImport {
+        name: String,
+        language: String,
+        path: std::path::PathBuf,
+        /// "auto" (default), "0" (raw codec codes) or "2" (codes with the +2 offset).
+        #[serde(default)]
+        offset: Option<String>,
+    },
+    /// Writes a user voice's codes to a `.npy` file.
+    VoiceExport {
+        name: String,
+        path: std::path::PathBuf,
+    },
+    VoiceRemove {
+        name: String,
+    },
+    VoiceRename {
+        from: String,
+        to: String,
+    },
 }
 
 impl Message {
@@ -134,6 +160,42 @@ pub fn status_json(status: &Status) -> Value {
 
 pub fn voices_json(voices: &[Voice]) -> Value {
     json!({"event": "voices", "voices": voices})
+}
+
+/// A code-offset word of the protocol (`auto`, `0`, `2`).
+pub fn code_offset(word: Option<&str>) -> Result<CodeOffset, String> {
+    match word.unwrap_or("auto") {
+        "auto" => Ok(CodeOffset::Auto),
+        "0" => Ok(CodeOffset::Raw),
+        "2" => Ok(CodeOffset::Model),
+        other => Err(format!("offset `{other}` is not auto, 0 or 2")),
+    }
+}
+
+/// One user voice's stored details.
+pub fn user_voice_json(v: &UserVoice) -> Value {
+    json!({
+        "name": v.name,
+        "language": v.language,
+        "gender": v.gender,
+        "made": v.made,
+        "created": v.created,
+        "frames": v.codes.len(),
+        "seconds": v.codes.seconds(),
+        "quality": v.quality,
+        "path": v.path,
+    })
+}
+
+/// The library listing: readable voices, and damaged files with their errors.
+pub fn user_voices_json(entries: &[crate::Result<UserVoice>]) -> Value {
+    let voices: Vec<Value> = entries.iter().flatten().map(user_voice_json).collect();
+    let damaged: Vec<Value> = entries
+        .iter()
+        .filter_map(|e| e.as_ref().err())
+        .map(|e| json!({"error": e.to_string()}))
+        .collect();
+    json!({"event": "user_voices", "voices": voices, "damaged": damaged})
 }
 
 pub fn error_json(msg: impl std::fmt::Display) -> Value {

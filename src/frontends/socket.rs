@@ -11,7 +11,10 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch};
 
-use super::protocol::{amount, error_json, event_json, status_json, voices_json, Message, Output};
+use super::protocol::{
+    amount, code_offset, error_json, event_json, status_json, user_voices_json, voices_json,
+    Message, Output,
+};
 use crate::audio::pcm::s16le;
 use crate::engine::{Destination, Event, Interface};
 use crate::error::{Error, Result};
@@ -251,6 +254,44 @@ async fn handle(
         }
         Message::Voices => voices_json(&speech.voices()),
         Message::Status => status_json(&speech.status()),
+        Message::UserVoices => {
+            let entries = speech.user_voices().map_err(|e| e.to_string())?;
+            user_voices_json(&entries)
+        }
+        Message::VoiceImport {
+            name,
+            language,
+            path,
+            offset,
+        } => {
+            let offset = code_offset(offset.as_deref())?;
+            let v = speech
+                .try_off_runtime(move |s| s.import_voice(&name, &language, &path, offset))
+                .await
+                .map_err(|e| e.to_string())?;
+            serde_json::json!({"event": "voice", "voice": v})
+        }
+        Message::VoiceExport { name, path } => {
+            speech
+                .try_off_runtime(move |s| s.export_voice(&name, &path))
+                .await
+                .map_err(|e| e.to_string())?;
+            serde_json::json!({"event": "ok", "op": "voice_export"})
+        }
+        Message::VoiceRemove { name } => {
+            speech
+                .try_off_runtime(move |s| s.remove_voice(&name))
+                .await
+                .map_err(|e| e.to_string())?;
+            serde_json::json!({"event": "ok", "op": "voice_remove"})
+        }
+        Message::VoiceRename { from, to } => {
+            let v = speech
+                .try_off_runtime(move |s| s.rename_voice(&from, &to))
+                .await
+                .map_err(|e| e.to_string())?;
+            serde_json::json!({"event": "voice", "voice": v})
+        }
     };
     let _ = tx.send(Out::Line(reply)).await;
     Ok(None)

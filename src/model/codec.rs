@@ -21,7 +21,7 @@ const MIN_DECODE_FRAMES: usize = 8;
 const QUERY_BLOCK: usize = 256;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
-enum Pad {
+pub(crate) enum Pad {
     Replicate,
     Reflect,
 }
@@ -37,9 +37,9 @@ fn fold_weight_norm(vb: &VarBuilder, g_shape: &[usize], v_shape: &[usize]) -> Re
 }
 
 /// Stride-1 causal conv with `kernel - 1` samples of left padding.
-struct CausalConv {
-    weight: Tensor,
-    pad: Pad,
+pub(crate) struct CausalConv {
+    pub(crate) weight: Tensor,
+    pub(crate) pad: Pad,
 }
 
 impl CausalConv {
@@ -91,9 +91,9 @@ fn reflect_pad_left(x: &Tensor, p: usize) -> Result<Tensor> {
 }
 
 /// Causal transposed conv: raw length `(L-1)*s + k`, the last `k - s` samples trimmed.
-struct CausalConvTranspose {
-    weight: Tensor,
-    stride: usize,
+pub(crate) struct CausalConvTranspose {
+    pub(crate) weight: Tensor,
+    pub(crate) stride: usize,
 }
 
 impl CausalConvTranspose {
@@ -129,23 +129,24 @@ impl CausalConvTranspose {
     }
 }
 
-struct CodecLayer {
-    attention_norm: RmsNorm,
-    attention: AttentionProj,
-    q_norm: RmsNorm,
-    k_norm: RmsNorm,
-    attention_scale: Tensor,
-    ffn_norm: RmsNorm,
-    feed_forward: FeedForward,
-    ffn_scale: Tensor,
+pub(crate) struct CodecLayer {
+    pub(crate) attention_norm: RmsNorm,
+    pub(crate) attention: AttentionProj,
+    pub(crate) q_norm: RmsNorm,
+    pub(crate) k_norm: RmsNorm,
+    pub(crate) attention_scale: Tensor,
+    pub(crate) ffn_norm: RmsNorm,
+    pub(crate) feed_forward: FeedForward,
+    pub(crate) ffn_scale: Tensor,
 }
 
-struct CodecTransformer {
-    layers: Vec<CodecLayer>,
-    window: usize,
+pub(crate) struct CodecTransformer {
+    pub(crate) layers: Vec<CodecLayer>,
+    pub(crate) window: usize,
 }
 
-enum Block {
+/// The decoder's blocks in order (read by the differentiable copy in `clone::decoder`).
+pub(crate) enum Block {
     Conv(CausalConv),
     ConvTranspose(CausalConvTranspose),
     Transformer(CodecTransformer),
@@ -168,14 +169,14 @@ pub struct CodecState {
 
 pub struct CodecDecoder {
     /// `embedding_sum / max(cluster_usage, 1e-5)`, f32 `[codebook, semantic_dim]`.
-    semantic_codebook: Tensor,
-    blocks: Vec<Block>,
-    output_proj: CausalConv,
-    slopes: Vec<f32>,
-    semantic_size: usize,
-    levels: usize,
-    n_acoustic: usize,
-    patch: usize,
+    pub(crate) semantic_codebook: Tensor,
+    pub(crate) blocks: Vec<Block>,
+    pub(crate) output_proj: CausalConv,
+    pub(crate) slopes: Vec<f32>,
+    pub(crate) semantic_size: usize,
+    pub(crate) levels: usize,
+    pub(crate) n_acoustic: usize,
+    pub(crate) patch: usize,
     dtype: DType,
     device: Device,
 }

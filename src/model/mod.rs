@@ -66,25 +66,11 @@ impl Default for LoadOptions {
 #[derive(Debug, Clone)]
 pub struct VoiceInfo {
     pub name: String,
-    pub language: &'static str,
+    /// ISO 639-1, from the preset catalogue (`voices/presets.toml`).
+    pub language: String,
     /// `[AUDIO]` rows from `tekken.json`, if listed there.
     pub rows: Option<usize>,
     pub path: PathBuf,
-}
-
-/// The language of a preset voice, from its name (`fr_male`, `casual_female`, ...).
-pub fn voice_language(name: &str) -> &'static str {
-    match name.split('_').next().unwrap_or("") {
-        "fr" => "fr",
-        "es" => "es",
-        "de" => "de",
-        "it" => "it",
-        "pt" => "pt",
-        "nl" => "nl",
-        "ar" => "ar",
-        "hi" => "hi",
-        _ => "en",
-    }
 }
 
 /// How long each part of loading took, for benchmarks.
@@ -103,6 +89,8 @@ pub struct Voxtral {
     codec: CodecDecoder,
     voices: BTreeMap<String, VoiceInfo>,
     voice_cache: Mutex<BTreeMap<String, Arc<Tensor>>>,
+    /// Voices added at run time (the user's library), by name: their rows `[T + 1, dim]`.
+    user_voices: std::sync::RwLock<BTreeMap<String, Arc<Tensor>>>,
     device: Device,
     dtype: DType,
     pub load_timings: LoadTimings,
@@ -152,7 +140,7 @@ impl Voxtral {
         for name in names {
             voices.entry(name.clone()).or_insert_with(|| VoiceInfo {
                 name: name.clone(),
-                language: voice_language(name),
+                language: crate::library::catalogue().language_of(name),
                 rows: tokenizer.voice_rows().get(name).copied(),
                 path: dir.join(VOICE_DIR).join(format!("{name}.pt")),
             });
@@ -185,12 +173,25 @@ impl Voxtral {
             codec,
             voices,
             voice_cache: Mutex::new(BTreeMap::new()),
+            user_voices: Default::default(),
             device: opts.device.clone(),
             dtype: opts.dtype,
             load_timings: LoadTimings {
                 total_s: start.elapsed().as_secs_f64(),
             },
         })
+    }
+
+    /// Only the codec decoder of a checkpoint (f32 on `device`) and its sample rate: what
+    /// cloning searches through, without the 3.4B backbone's memory.
+    pub fn load_codec(dir: &Path, device: &Device) -> Result<(CodecDecoder, u32)> {
+        let params = dir.join(PARAMS_FILE);
+        let config = ModelConfig::from_file(&params)?;
+        let stages = config.codec_stages(&params)?;
+        let weights = Weights::open(&dir.join(WEIGHTS_FILE), &config)?;
+        let vb = weights.into_var_builder(DType::F32, device);
+        let codec = CodecDecoder::load(vb.pp("audio_tokenizer"), &config, &stages)?;
+        Ok((codec, config.codec().sampling_rate))
     }
 
     pub fn dir(&self) -> &Path {
@@ -227,8 +228,75 @@ impl Voxtral {
         self.voices.values()
     }
 
-    /// The voice's rows `[rows, dim]` (f32), read once and checked against `tekken.json`.
+    /// A voice's prompt rows from its frame codes (model-side, +2 offset), as the official
+    /// cloning path builds them: per frame the sum of its 37 code embeddings, then one
+    /// end-of-audio frame `[1, 0, ..., 0]`. Returns f32 `[T + 1, dim]` on the model's device.
+    pub fn voice_rows_from_codes(&self, frames: &[Vec<u32>]) -> Result<Tensor> {
+        self.codec.valid_frames(frames).and_then(|n| {
+            if n == frames.len() && n > 0 {
+                Ok(())
+            } else {
+                Err(Error::InvalidCodes(
+                    "voice codes must be whole frames with no end frame".into(),
+                ))
+            }
+        })?;
+        let mut end = vec![config::EMPTY_AUDIO; self.codec.codes_per_frame()];
+        end[0] = END_AUDIO;
+        let mut rows = Vec::with_capacity(frames.len() + 1);
+        for f in frames.iter().chain(std::iter::once(&end)) {
+            rows.push(self.backbone.embed_frame(f)?.to_dtype(DType::F32)?);
+        }
+        Ok(Tensor::cat(&rows, 0)?)
+    }
+
+    /// Adds or replaces a run-time voice (a user voice); a preset of the same name wins.
+    pub fn set_user_voice(&self, name: &str, rows: Tensor) -> Result<()> {
+        if rows.dims2()?.1 != self.config.dim {
+            return Err(Error::InvalidCodes(format!(
+                "voice rows have width {}, the model {}",
+                rows.dim(1)?,
+                self.config.dim
+            )));
+        }
+        self.user_voices
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.into(), Arc::new(rows.to_device(&self.device)?));
+        Ok(())
+    }
+
+    pub fn remove_user_voice(&self, name: &str) -> bool {
+        self.user_voices
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name)
+            .is_some()
+    }
+
+    /// Names of the run-time voices.
+    pub fn user_voice_names(&self) -> Vec<String> {
+        self.user_voices
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    /// The voice's rows `[rows, dim]` (f32): a preset read once and checked against
+    /// `tekken.json`, or a run-time voice.
     pub fn voice(&self, name: &str) -> Result<Arc<Tensor>> {
+        if !self.voices.contains_key(name) {
+            if let Some(t) = self
+                .user_voices
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(name)
+            {
+                return Ok(t.clone());
+            }
+        }
         if let Some(t) = self
             .voice_cache
             .lock()
@@ -239,7 +307,13 @@ impl Voxtral {
         }
         let info = self.voices.get(name).ok_or_else(|| Error::UnknownVoice {
             voice: name.into(),
-            available: self.voices.keys().cloned().collect::<Vec<_>>().join(", "),
+            available: self
+                .voices
+                .keys()
+                .cloned()
+                .chain(self.user_voice_names())
+                .collect::<Vec<_>>()
+                .join(", "),
         })?;
         let rows = voice::read_voice_file(&info.path, name, self.config.dim)?;
         let n = rows.dim(0)?;

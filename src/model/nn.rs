@@ -57,6 +57,16 @@ impl Proj {
     }
 }
 
+impl Proj {
+    /// The dense `[out, in]` weight; `None` for a quantized projection.
+    pub fn dense_weight(&self) -> Option<&Tensor> {
+        match self {
+            Proj::Dense(l) | Proj::DenseFewRows(l) => Some(l.weight()),
+            Proj::Q8(_) => None,
+        }
+    }
+}
+
 impl Module for Proj {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
@@ -99,6 +109,11 @@ impl RmsNorm {
         })
     }
 
+    /// The scale `[dim]` (f32) and epsilon, for code that re-implements the norm.
+    pub fn parts(&self) -> (&Tensor, f64) {
+        (&self.weight, self.eps as f64)
+    }
+
     pub fn from_weight(weight: Tensor, eps: f64) -> Result<Self> {
         Ok(Self {
             weight: weight.to_dtype(DType::F32)?,
@@ -119,9 +134,9 @@ impl Module for RmsNorm {
 /// `w2(silu(w1 x) * w3 x)`.
 #[derive(Debug, Clone)]
 pub struct FeedForward {
-    w1: Proj,
-    w2: Proj,
-    w3: Proj,
+    pub w1: Proj,
+    pub w2: Proj,
+    pub w3: Proj,
 }
 
 impl FeedForward {

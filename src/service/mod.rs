@@ -8,13 +8,16 @@ pub mod scales;
 pub mod speaker;
 pub mod voices;
 
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 use serde::Serialize;
 
 use crate::engine::{Destination, Engine, Interface, Job, JobId, Priority, SpeechRequest};
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::library::{CodeOffset, Library, UserVoice};
 use crate::model::Voxtral;
 use crate::settings::Settings;
 use crate::text::punctuation::SpokenPunctuation;
@@ -100,20 +103,169 @@ pub struct Speech {
     settings: Settings,
     model_dir: PathBuf,
     listening: Listening,
+    /// The user's voices on disk, when there is a data folder.
+    library: Option<Library>,
+    user_voices: Mutex<UserVoices>,
+    /// Bumped whenever the voice list changes; interfaces that announce it watch this.
+    voice_changes: tokio::sync::watch::Sender<u64>,
+}
+
+/// The user voices the model holds, and the damaged files already reported.
+#[derive(Default)]
+struct UserVoices {
+    loaded: BTreeMap<String, (Option<SystemTime>, Voice)>,
+    reported: BTreeSet<(PathBuf, Option<SystemTime>)>,
 }
 
 impl Speech {
     /// The service over a loaded model; the default voice must exist.
+    /// The user's voices are read from the library first, so one can be the default.
     pub fn new(model: Arc<Voxtral>, settings: Settings, listening: Listening) -> Result<Self> {
-        model.voice(&settings.voice)?;
         let speaker = Arc::new(Speaker::new(model.sample_rate(), settings.volume));
-        Ok(Self {
+        let me = Self {
             model_dir: model.dir().to_path_buf(),
             engine: Arc::new(Engine::new(model, settings.engine_config())),
             speaker,
+            library: settings.voices_dir().map(Library::new),
             settings,
             listening,
+            user_voices: Mutex::new(UserVoices::default()),
+            voice_changes: tokio::sync::watch::Sender::new(0),
+        };
+        me.sync_voices();
+        me.engine.model().voice(&me.settings.voice)?;
+        Ok(me)
+    }
+
+    /// Brings the model's user voices in line with the library folder: new and changed files
+    /// are loaded, removed ones dropped, damaged ones reported once each (by name) and
+    /// skipped. Returns whether the voice list changed; watchers of
+    /// [`Speech::voice_changes`] hear of it.
+    pub fn sync_voices(&self) -> bool {
+        let Some(lib) = &self.library else {
+            return false;
+        };
+        let model = self.engine.model();
+        let mut state = self.user_voices.lock().unwrap_or_else(|e| e.into_inner());
+        let mut seen = BTreeSet::new();
+        let mut changed = false;
+        for entry in lib.scan() {
+            let v = match entry {
+                Ok(v) => v,
+                Err(e) => {
+                    let key = error_key(&e);
+                    if state.reported.insert(key) {
+                        tracing::warn!(error = %e, "skipping a damaged user voice");
+                    }
+                    continue;
+                }
+            };
+            seen.insert(v.name.clone());
+            if state
+                .loaded
+                .get(&v.name)
+                .is_some_and(|(m, _)| *m == v.modified)
+            {
+                continue;
+            }
+            if model.voices().any(|p| p.name == v.name) {
+                continue;
+            }
+            match voices::install_user_voice(model, &v) {
+                Ok(()) => {
+                    tracing::info!(voice = %v.name, frames = v.codes.len(), "user voice loaded");
+                    state
+                        .loaded
+                        .insert(v.name.clone(), (v.modified, Voice::user(&v)));
+                    changed = true;
+                }
+                Err(e) => {
+                    if state.reported.insert((v.path.clone(), v.modified)) {
+                        tracing::warn!(voice = %v.name, path = %v.path.display(), error = %e,
+                            "user voice does not fit this model");
+                    }
+                }
+            }
+        }
+        let gone: Vec<String> = state
+            .loaded
+            .keys()
+            .filter(|n| !seen.contains(*n))
+            .cloned()
+            .collect();
+        for name in gone {
+            model.remove_user_voice(&name);
+            state.loaded.remove(&name);
+            tracing::info!(voice = %name, "user voice removed");
+            changed = true;
+        }
+        drop(state);
+        if changed {
+            self.voice_changes.send_modify(|n| *n += 1);
+        }
+        changed
+    }
+
+    /// Ticks whenever the voice list changes (a user voice added, changed or removed).
+    pub fn voice_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.voice_changes.subscribe()
+    }
+
+    fn library(&self) -> Result<&Library> {
+        self.library.as_ref().ok_or_else(|| {
+            Error::InvalidInput(
+                "there is no voice library: set XDG_DATA_HOME or HOME, or `voices` in the \
+                 config"
+                    .into(),
+            )
         })
+    }
+
+    /// The user's voices with their stored details, and the damaged files as errors.
+    pub fn user_voices(&self) -> Result<Vec<Result<UserVoice>>> {
+        Ok(self.library()?.scan())
+    }
+
+    /// Imports `[T, 37]` codes from a `.npy` file as a new voice, at once on every interface.
+    pub fn import_voice(
+        &self,
+        name: &str,
+        language: &str,
+        codes: &Path,
+        offset: CodeOffset,
+    ) -> Result<Voice> {
+        let v = self.library()?.import(name, language, codes, offset)?;
+        self.sync_voices();
+        self.loaded_voice(&v)
+    }
+
+    fn loaded_voice(&self, v: &UserVoice) -> Result<Voice> {
+        let state = self.user_voices.lock().unwrap_or_else(|e| e.into_inner());
+        match state.loaded.get(&v.name) {
+            Some((_, voice)) => Ok(voice.clone()),
+            None => Err(Error::InvalidInput(format!(
+                "voice `{}` was stored in {} but this model cannot use it (see the log)",
+                v.name,
+                v.path.display()
+            ))),
+        }
+    }
+
+    /// Writes a user voice's codes to `out` as `.npy`.
+    pub fn export_voice(&self, name: &str, out: &Path) -> Result<()> {
+        self.library()?.export(name, out).map(|_| ())
+    }
+
+    pub fn remove_voice(&self, name: &str) -> Result<()> {
+        self.library()?.remove(name)?;
+        self.sync_voices();
+        Ok(())
+    }
+
+    pub fn rename_voice(&self, from: &str, to: &str) -> Result<Voice> {
+        let v = self.library()?.rename(from, to)?;
+        self.sync_voices();
+        self.loaded_voice(&v)
     }
 
     pub fn settings(&self) -> &Settings {
@@ -145,12 +297,12 @@ impl Speech {
         r.pitch = req.pitch.pitch(s.pitch);
         r.volume = req.volume.unwrap_or(1.0);
         if let Some(chars) = &req.punctuation {
-            let model = self.engine.model();
-            let language = model
+            let language = self
                 .voices()
-                .find(|v| v.name == r.voice)
-                .map_or("en", |v| v.language);
-            r.punctuation = SpokenPunctuation::new(chars, language);
+                .into_iter()
+                .find(|v| v.id == r.voice)
+                .map_or_else(|| "en".to_string(), |v| v.language);
+            r.punctuation = SpokenPunctuation::new(chars, &language);
         }
         r.destination = req.destination;
         r.interface = req.interface;
@@ -183,13 +335,25 @@ impl Speech {
             .map_err(|e| crate::Error::Internal(e.to_string()))
     }
 
+    /// [`Speech::off_runtime`] for a call that can fail.
+    pub async fn try_off_runtime<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&Speech) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        self.off_runtime(f).await?
+    }
+
     /// [`Speech::speak`] from async code.
     pub async fn speak_async(self: &Arc<Self>, req: Request) -> Result<Speaking> {
         self.off_runtime(move |s| s.speak(req)).await?
     }
 
+    /// Every voice: the presets, then the user's.
     pub fn voices(&self) -> Vec<Voice> {
-        voices::of_model(self.engine.model())
+        let mut all = voices::of_model(self.engine.model());
+        let state = self.user_voices.lock().unwrap_or_else(|e| e.into_inner());
+        all.extend(state.loaded.values().map(|(_, v)| v.clone()));
+        all
     }
 
     pub fn status(&self) -> Status {
@@ -240,6 +404,16 @@ impl Speech {
     pub fn queue_len(&self) -> usize {
         self.engine.queue_len()
     }
+}
+
+/// Which damaged file (and version of it) an error is about, to report it once.
+fn error_key(e: &Error) -> (PathBuf, Option<SystemTime>) {
+    let path = match e {
+        Error::Voice { path, .. } | Error::Io { path, .. } => path.clone(),
+        other => PathBuf::from(other.to_string()),
+    };
+    let modified = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+    (path, modified)
 }
 
 /// Peak resident set size of this process (`VmHWM`), in bytes.
