@@ -417,3 +417,134 @@ fn voice_rows_are_the_summed_code_embeddings_plus_an_end_frame() {
     assert!(model.voice_rows_from_codes(&[vec![9000; 37]]).is_err());
     assert!(model.voice_rows_from_codes(&[]).is_err());
 }
+
+/// `voice create` end to end on the fixture: a clip the codec made is cloned into the user
+/// library with its quality figures, listed, refused a second time without `--replace`, and
+/// spoken by `say`.
+#[test]
+fn voice_create_clones_a_clip_into_the_library_and_it_speaks() {
+    let home = tempfile::tempdir().unwrap();
+    let fixture = common::fixture_dir();
+    let model = common::model();
+    // 48 frames of a known voice: 3.84 s at 24 kHz.
+    let audio = model.decode(&random_frames(48, 7)).unwrap();
+    let clip = home.path().join("me.wav");
+    let spec = hound::WavSpec {
+        channels: 1,
+        sample_rate: 24_000,
+        bits_per_sample: 16,
+        sample_format: hound::SampleFormat::Int,
+    };
+    let peak = audio.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+    let mut w = hound::WavWriter::create(&clip, spec).unwrap();
+    for x in &audio {
+        w.write_sample((x / peak * 0.8 * 32767.0) as i16).unwrap();
+    }
+    w.finalize().unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_voxtrald"))
+            .args(args)
+            .env("HOME", home.path())
+            .env("XDG_DATA_HOME", home.path().join("data"))
+            .env("XDG_CONFIG_HOME", home.path().join("config"))
+            .env("XDG_RUNTIME_DIR", home.path())
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .unwrap()
+    };
+    let fx = fixture.to_str().unwrap();
+    let create = [
+        "voice",
+        "create",
+        "mine",
+        "--from",
+        clip.to_str().unwrap(),
+        "--language",
+        "fr",
+        "--steps",
+        "8",
+        "--crop-frames",
+        "4",
+        "--refine-sweeps",
+        "0",
+        "--seed",
+        "3",
+        "--device",
+        "cpu",
+        "--model",
+        fx,
+    ];
+    let out = run(&create);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("created `mine`"), "{stdout}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("clip: "));
+    let file = home.path().join("data/voxtrald/voices/mine.json");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let list: Value = serde_json::from_slice(&run(&["voice", "list", "--json"]).stdout).unwrap();
+    let v = &list["voices"][0];
+    assert_eq!(v["name"], "mine");
+    assert_eq!(v["language"], "fr");
+    assert_eq!(v["made"]["by"], "clone", "{v}");
+    // Silence trimming may take a few samples off the ends, never seconds.
+    let frames = v["frames"].as_u64().unwrap();
+    assert!((40..=48).contains(&frames), "{v}");
+    assert_eq!(v["made"]["steps"], 8, "{v}");
+    assert_eq!(v["made"]["seed"], 3, "{v}");
+    assert_eq!(v["made"]["source"], "me.wav", "{v}");
+    assert_eq!(
+        v["made"]["source_sha256"].as_str().unwrap().len(),
+        64,
+        "{v}"
+    );
+    let q = &v["quality"];
+    let (d, r) = (
+        q["stft_distance"].as_f64().unwrap(),
+        q["random_stft_distance"].as_f64().unwrap(),
+    );
+    assert!(
+        d > 0.0 && r > 0.0 && q["loss"].as_f64().unwrap().is_finite(),
+        "{q}"
+    );
+    let table = String::from_utf8_lossy(&run(&["voice", "list"]).stdout).to_string();
+    assert!(
+        table.contains("mine") && table.contains("cloned, 8 steps"),
+        "{table}"
+    );
+    assert!(table.contains("STFT distance"), "{table}");
+    // The clip itself is not kept.
+    let kept: Vec<_> = std::fs::read_dir(file.parent().unwrap()).unwrap().collect();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    // Same name again: refused before any work.
+    let again = run(&create);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("exists already"));
+    // It speaks.
+    let wav = home.path().join("out.wav");
+    let say = run(&[
+        "say",
+        "--model",
+        fx,
+        "--voice",
+        "mine",
+        "--max-frames",
+        "3",
+        "--out",
+        wav.to_str().unwrap(),
+        "Bonjour.",
+    ]);
+    assert!(
+        say.status.success(),
+        "{}",
+        String::from_utf8_lossy(&say.stderr)
+    );
+    assert!(hound::WavReader::open(&wav).unwrap().len() > 0);
+}

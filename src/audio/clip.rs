@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 
 pub const MIN_SECONDS: f32 = 3.0;
 pub const MAX_SECONDS: f32 = 30.0;
-/// Loudness target (RMS of the speech, dBFS): ordinary speech level, well clear of clipping.
+/// A loudness target (RMS of the speech, dBFS): ordinary speech level, clear of clipping.
 pub const TARGET_DBFS: f32 = -20.0;
 /// Samples whose 20 ms window is this far below the clip's loudest window are silence.
 const SILENCE_BELOW_DB: f32 = 40.0;
@@ -22,8 +22,9 @@ const MARGIN_SECONDS: f32 = 0.1;
 #[derive(Debug, Clone, Copy)]
 pub struct ClipOptions {
     pub rate: u32,
-    /// Normalise to [`TARGET_DBFS`]; off keeps the recording's own level.
-    pub normalise: bool,
+    /// Bring the RMS to this level (dBFS); `None` keeps the recording's own. The clip is a
+    /// search target in f32, not played, so the peak may go past full scale.
+    pub level_dbfs: Option<f32>,
     pub trim: bool,
 }
 
@@ -73,13 +74,10 @@ pub fn read_clip(path: &Path, opts: ClipOptions) -> Result<Clip> {
         )));
     }
     let mut gain_db = 0.0;
-    if opts.normalise {
+    if let Some(level) = opts.level_dbfs {
         let rms = (samples.iter().map(|x| x * x).sum::<f32>() / samples.len() as f32).sqrt();
-        let peak = samples.iter().fold(0f32, |m, x| m.max(x.abs()));
         if rms > 0.0 {
-            // Bring the RMS to the target, but never push the peak past 0.95.
-            let want = 10f32.powf(TARGET_DBFS / 20.0) / rms;
-            let g = want.min(0.95 / peak.max(f32::MIN_POSITIVE));
+            let g = 10f32.powf(level / 20.0) / rms;
             samples.iter_mut().for_each(|x| *x *= g);
             gain_db = 20.0 * g.log10();
         }
@@ -215,7 +213,7 @@ mod tests {
 
     const OPTS: ClipOptions = ClipOptions {
         rate: 24_000,
-        normalise: true,
+        level_dbfs: Some(TARGET_DBFS),
         trim: true,
     };
 

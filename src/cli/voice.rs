@@ -14,7 +14,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use super::ModelArgs;
 use crate::audio::clip::{read_clip, ClipOptions};
-use crate::clone::{random_codes, search_codes, stft_distance, Progress, SearchOptions};
+use crate::clone::{search_codes, speaking_level_dbfs, Progress, SearchOptions};
 use crate::library::{catalogue, language_name, CodeOffset, Codes, Library, Made, Quality};
 use crate::model::Voxtral;
 use crate::settings::Settings;
@@ -72,7 +72,10 @@ pub enum VoiceCommand {
         /// Frames decoded per step (plus their left context); 0 decodes the whole clip.
         #[arg(long)]
         crop_frames: Option<usize>,
-        /// Keep the recording's level instead of normalising it to -20 dBFS.
+        /// Passes of the discrete refinement over the frames after the gradient steps (0: none).
+        #[arg(long)]
+        refine_sweeps: Option<usize>,
+        /// Keep the recording's level instead of bringing it to the level the codec speaks at.
         #[arg(long)]
         keep_level: bool,
         /// Keep silence at the ends.
@@ -140,6 +143,7 @@ pub fn run(cmd: VoiceCommand) -> anyhow::Result<()> {
             steps,
             seed,
             crop_frames,
+            refine_sweeps,
             keep_level,
             no_trim,
             replace,
@@ -154,6 +158,9 @@ pub fn run(cmd: VoiceCommand) -> anyhow::Result<()> {
             }
             if let Some(c) = crop_frames {
                 opts.crop_frames = (c > 0).then_some(c);
+            }
+            if let Some(n) = refine_sweeps {
+                opts.refine.sweeps = n;
             }
             let how = Create {
                 name,
@@ -244,11 +251,12 @@ fn create(
     let device = settings.device.open()?;
     let (codec, rate) = Voxtral::load_codec(&settings.dir, &device)
         .with_context(|| format!("loading the codec decoder from {}", settings.dir.display()))?;
+    let level = speaking_level_dbfs(&codec)?;
     let clip = read_clip(
         &how.from,
         ClipOptions {
             rate,
-            normalise: !how.keep_level,
+            level_dbfs: (!how.keep_level).then_some(level),
             trim: !how.no_trim,
         },
     )?;
@@ -264,6 +272,7 @@ fn create(
     let stop = Arc::new(AtomicBool::new(false));
     watch_ctrl_c(stop.clone());
     let bar = ProgressBar::new(opts.steps as u64);
+    // The refinement's frame visits count on after the steps: the bar learns the total.
     bar.set_style(
         ProgressStyle::with_template(
             "{spinner} cloning [{bar:30}] {pos}/{len} steps, {msg}, {elapsed} elapsed, {eta} left",
@@ -273,13 +282,14 @@ fn create(
     );
     let started = Instant::now();
     let mut report = |p: &Progress| {
+        bar.set_length(p.steps as u64);
         bar.set_position(p.step as u64);
         bar.set_message(format!("loss {:.4} (best {:.4})", p.loss, p.best_loss));
     };
     let found = search_codes(&codec, &clip.samples, &opts, &mut report, &stop)?;
     bar.finish_and_clear();
     let secs = started.elapsed().as_secs_f64();
-    let random = random_codes_distance(&codec, &clip.samples, found.codes.len(), opts.seed)?;
+    let random = found.random_stft_distance;
     let codes = Codes::new(found.codes.clone())?;
     let quality = Quality {
         loss: found.loss,
@@ -315,34 +325,20 @@ fn create(
     }
     writeln!(
         out,
-        "created `{}` ({}): {} frames, {} steps in {:.0} s ({:.2} steps/s), STFT distance {:.3} \
-         against {:.3} for random codes ({:.0}%), saved to {}",
+        "created `{}` ({}): {} frames, {} steps and {} refinement passes in {:.0} s, STFT \
+         distance {:.3} against {:.3} for random codes ({:.0}%), saved to {}",
         v.name,
         language_name(&v.language),
         codes.len(),
         found.steps_done,
+        found.sweeps_done,
         secs,
-        found.steps_done as f64 / secs.max(1e-9),
         found.stft_distance,
         random,
         100.0 * found.stft_distance / random.max(f32::MIN_POSITIVE),
         v.path.display()
     )?;
     Ok(())
-}
-
-/// The STFT distance to the clip of random codes as long as the found ones: the scale the
-/// found codes' distance is read on.
-pub fn random_codes_distance(
-    codec: &crate::model::codec::CodecDecoder,
-    clip: &[f32],
-    frames: usize,
-    seed: u64,
-) -> anyhow::Result<f32> {
-    let codes = random_codes(codec, frames, seed ^ 0x5eed_c0de);
-    let audio = codec.decode_frames(&codes, None)?;
-    let n = audio.len().min(clip.len());
-    Ok(stft_distance(&audio[..n], &clip[..n])?)
 }
 
 /// Ctrl-C sets `stop` (the search then returns its best codes); a second Ctrl-C exits.

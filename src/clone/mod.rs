@@ -4,6 +4,7 @@
 //! - [`decoder`]: the codec decoder rewritten with differentiable ops over the loaded weights.
 //! - [`loss`]: multi-resolution STFT, log-mel and waveform distances.
 //! - [`search`]: the per-frame parameters, Adam, random crops and the best-codes bookkeeping.
+//! - [`refine`]: the discrete pass after it: gradient-ranked single-code changes, judged exactly.
 //!
 //! The codes found are what the decoder needs to sound like the clip; whether the backbone
 //! then speaks *new* text in that voice can only be judged with the real weights (the README
@@ -11,7 +12,9 @@
 
 pub mod decoder;
 pub mod loss;
+pub mod refine;
 pub mod search;
 
 pub use loss::{stft_distance, LossWeights};
-pub use search::{random_codes, search_codes, Found, Progress, SearchOptions};
+pub use refine::RefineOptions;
+pub use search::{random_codes, search_codes, speaking_level_dbfs, Found, Progress, SearchOptions};

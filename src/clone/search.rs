@@ -1,7 +1,9 @@
-//! The search for a clip's codes: continuous parameters per frame (a semantic vector snapped
-//! to its nearest codebook entry, 36 acoustic values through `tanh` rounded to the 21 levels,
-//! both straight-through), Adam with global-norm clipping and a cosine learning rate, random
-//! crops with their left context, and the best codes by a full-clip decode kept throughout.
+//! The search for a clip's codes: continuous parameters per frame (a semantic vector and 36
+//! acoustic values through `tanh`) that the decoder hears as they are at first and that are
+//! then pulled onto their codes (the nearest codebook entry, the nearest of the 21 levels;
+//! straight-through), Adam with global-norm clipping and a cosine learning rate, random crops
+//! with their left context, the best codes by a full-clip decode kept throughout, and the
+//! discrete refinement of [`super::refine`] at the end.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -12,6 +14,7 @@ use rand_distr::{Distribution, StandardNormal};
 
 use super::decoder::TrainDecoder;
 use super::loss::{LossWeights, Spectral};
+use super::refine::{model_side, RefineOptions, Refiner};
 use crate::model::codec::CodecDecoder;
 use crate::model::config::SPECIAL_CODES;
 
@@ -27,9 +30,16 @@ pub struct SearchOptions {
     pub crop_frames: Option<usize>,
     /// Global gradient norm limit.
     pub clip_grad: f64,
+    /// When quantisation starts to harden, as a fraction of the steps: before it the decoder
+    /// hears the continuous parameters themselves; from it the latent moves linearly towards
+    /// the snapped and rounded values (straight-through) and is exactly the codes at the last
+    /// step. 1.0: continuous throughout (codes are read by snapping); 0.0: hard from the start.
+    pub harden_from: f64,
     /// Steps between full-clip decodes that pick the best codes so far (and at the end).
     pub eval_every: usize,
     pub weights: LossWeights,
+    /// The discrete pass over the frames after the gradient steps.
+    pub refine: RefineOptions,
 }
 
 impl Default for SearchOptions {
@@ -41,8 +51,10 @@ impl Default for SearchOptions {
             lr_end: 0.01,
             crop_frames: Some(32),
             clip_grad: 1.0,
+            harden_from: 0.5,
             eval_every: 50,
             weights: LossWeights::default(),
+            refine: RefineOptions::default(),
         }
     }
 }
@@ -50,6 +62,7 @@ impl Default for SearchOptions {
 /// Reported after each step.
 #[derive(Debug, Clone)]
 pub struct Progress {
+    /// Gradient steps, then frames visited by the refinement, counted on from them.
     pub step: usize,
     pub steps: usize,
     /// This step's crop loss.
@@ -68,8 +81,13 @@ pub struct Found {
     pub loss: f32,
     /// Their decoding's STFT distance to the clip.
     pub stft_distance: f32,
+    /// The same for random codes of the same length: the scale `stft_distance` is read on.
+    pub random_stft_distance: f32,
+    /// Gradient steps taken.
     pub steps_done: usize,
-    /// Stopped by the caller before `steps`.
+    /// Whole refinement passes over the frames.
+    pub sweeps_done: usize,
+    /// Stopped by the caller before the end.
     pub interrupted: bool,
 }
 
@@ -114,18 +132,25 @@ impl FrameParams {
         Ok((v, k))
     }
 
-    /// The latent `[len, sd + 36]` of frames `start..start + len`: the hard (snapped and
-    /// rounded) values forward, the identity backward.
-    pub fn latent(&self, dec: &TrainDecoder, start: usize, len: usize) -> Result<Tensor> {
+    /// The latent `[len, sd + 36]` of frames `start..start + len`: forward, the raw values
+    /// moved `hardness` of the way to the snapped and rounded ones (1: the codes exactly);
+    /// backward, the identity.
+    pub fn latent(
+        &self,
+        dec: &TrainDecoder,
+        start: usize,
+        len: usize,
+        hardness: f64,
+    ) -> Result<Tensor> {
         let s = self.semantic.as_tensor().narrow(0, start, len)?;
         let sd = s.detach();
         let idx = Self::nearest(dec, &sd)?;
         let q = dec.codebook().index_select(&idx, 0)?;
-        let s = (&s + (q - sd)?)?;
+        let s = (&s + ((q - sd)? * hardness)?)?;
         let y = self.acoustic.as_tensor().narrow(0, start, len)?.tanh()?;
         let yd = y.detach();
         let (v, _) = Self::levels(dec, &yd)?;
-        let y = (&y + (v - yd)?)?;
+        let y = (&y + ((v - yd)? * hardness)?)?;
         Tensor::cat(&[&s, &y], 1)
     }
 
@@ -218,6 +243,16 @@ impl Adam {
     }
 }
 
+/// How far step `step`'s latent is moved towards the codes (see `harden_from`).
+pub fn hardness(o: &SearchOptions, step: usize) -> f64 {
+    let from = o.harden_from.clamp(0.0, 1.0) * o.steps as f64;
+    let last = o.steps.saturating_sub(1) as f64;
+    if from >= last {
+        return if o.harden_from >= 1.0 { 0.0 } else { 1.0 };
+    }
+    ((step as f64 - from) / (last - from)).clamp(0.0, 1.0)
+}
+
 /// Cosine decay from `lr` to `lr_end` over `steps`.
 pub fn learning_rate(o: &SearchOptions, step: usize) -> f64 {
     let f = if o.steps <= 1 {
@@ -286,8 +321,18 @@ fn search_with(
     };
     let mut best_codes = params.codes(dec)?;
     let (mut best_loss, _) = judge(&best_codes)?;
+    // Codes replace the best ones if their full-clip loss is lower.
+    let offer = |codes: Vec<Vec<u32>>, best: &mut Vec<Vec<u32>>, loss: &mut f32| -> Result<()> {
+        let (l, _) = judge(&codes)?;
+        if l < *loss {
+            *loss = l;
+            *best = codes;
+        }
+        Ok(())
+    };
     let mut done = 0;
     let mut interrupted = false;
+    let total = opts.steps + opts.refine.sweeps * frames;
     for step in 0..opts.steps {
         if stop.load(Ordering::SeqCst) {
             interrupted = true;
@@ -299,7 +344,8 @@ fn search_with(
             rng.random_range(0..=frames - crop)
         };
         let from = start.saturating_sub(context);
-        let latent = params.latent(dec, from, start + crop - from)?;
+        let hardness = hardness(opts, step);
+        let latent = params.latent(dec, from, start + crop - from, hardness)?;
         let audio = dec.forward(&latent)?;
         let pred = audio.narrow(0, (start - from) * spf, crop * spf)?;
         let loss = crop_loss.loss(&pred, &target.narrow(0, start * spf, crop * spf)?)?;
@@ -307,38 +353,79 @@ fn search_with(
         adam.step(&grads, learning_rate(opts, step))?;
         done = step + 1;
         if done % opts.eval_every.max(1) == 0 || done == opts.steps {
-            let codes = params.codes(dec)?;
-            let (l, _) = judge(&codes)?;
-            if l < best_loss {
-                best_loss = l;
-                best_codes = codes;
-            }
+            offer(params.codes(dec)?, &mut best_codes, &mut best_loss)?;
         }
         progress(&Progress {
             step: done,
-            steps: opts.steps,
+            steps: total,
             loss: loss.to_dtype(DType::F32)?.to_scalar::<f32>()?,
             best_loss,
             elapsed: started.elapsed(),
         });
     }
     if interrupted && done % opts.eval_every.max(1) != 0 {
-        let codes = params.codes(dec)?;
-        let (l, _) = judge(&codes)?;
-        if l < best_loss {
-            best_loss = l;
-            best_codes = codes;
+        offer(params.codes(dec)?, &mut best_codes, &mut best_loss)?;
+    }
+    let mut sweeps_done = 0;
+    if !interrupted && opts.refine.sweeps > 0 {
+        let off = SPECIAL_CODES as u32;
+        let mut raw: Vec<Vec<u32>> = best_codes
+            .iter()
+            .map(|f| f.iter().map(|c| c - off).collect())
+            .collect();
+        let mut refiner = Refiner::new(codec, dec, &target, opts.weights, opts.refine);
+        let mut visited = 0;
+        'sweeps: for _ in 0..opts.refine.sweeps {
+            let mut changed = 0;
+            refiner.restart();
+            for _ in 0..frames {
+                if stop.load(Ordering::SeqCst) {
+                    interrupted = true;
+                    break 'sweeps;
+                }
+                changed += refiner.improve_next(&mut raw)? as usize;
+                visited += 1;
+                progress(&Progress {
+                    step: opts.steps + visited,
+                    steps: total,
+                    loss: best_loss,
+                    best_loss,
+                    elapsed: started.elapsed(),
+                });
+            }
+            offer(model_side(&raw), &mut best_codes, &mut best_loss)?;
+            sweeps_done += 1;
+            if changed == 0 {
+                break;
+            }
+        }
+        if interrupted {
+            // Changes of the unfinished pass count if they help the whole clip.
+            offer(model_side(&raw), &mut best_codes, &mut best_loss)?;
         }
     }
     let (_, audio) = judge(&best_codes)?;
     let stft_distance = full_loss.distance(&audio, &target)?;
+    let (_, random) = judge(&random_codes(codec, frames, opts.seed ^ 0x5eed_c0de))?;
+    let random_stft_distance = full_loss.distance(&random, &target)?;
     Ok(Found {
         codes: best_codes,
         loss: best_loss,
         stft_distance,
+        random_stft_distance,
         steps_done: done,
+        sweeps_done,
         interrupted,
     })
+}
+
+/// The level (RMS, dBFS) the codec speaks at: that of random codes' decoding (4 s). A clip
+/// is brought to it before the search, so that the codes are not asked for a loudness the
+/// decoder does not make (a random decoder's level is far from a recording's).
+pub fn speaking_level_dbfs(codec: &CodecDecoder) -> crate::Result<f32> {
+    let audio = codec.decode_frames(&random_codes(codec, 50, 7), None)?;
+    let ms = audio.iter().map(|x| (*x as f64).powi(2)).sum::<f64>() / audio.len().max(1) as f64;
+    Ok((10.0 * ms.max(1e-20).log10()) as f32)
 }
 
 /// Random valid codes (model-side), as many frames as asked: the yardstick a found voice's

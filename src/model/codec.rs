@@ -153,6 +153,7 @@ pub(crate) enum Block {
 }
 
 /// One block's left context in a stream.
+#[derive(Clone)]
 enum BlockState {
     Conv(Option<Tensor>),
     ConvTranspose(Option<Tensor>),
@@ -161,7 +162,9 @@ enum BlockState {
 }
 
 /// What a streaming decode carries between chunks. Bounded: at most a window of keys and
-/// values per layer and a few conv inputs, whatever the utterance's length.
+/// values per layer and a few conv inputs, whatever the utterance's length. A clone shares
+/// the tensors (cheap), so one stream can try several continuations.
+#[derive(Clone)]
 pub struct CodecState {
     blocks: Vec<BlockState>,
     output: Option<Tensor>,

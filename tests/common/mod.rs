@@ -3,6 +3,7 @@
 
 pub mod bus;
 pub mod http;
+pub mod odd;
 pub mod pulse;
 pub mod python;
 pub mod served;
