@@ -418,17 +418,11 @@ fn voice_rows_are_the_summed_code_embeddings_plus_an_end_frame() {
     assert!(model.voice_rows_from_codes(&[]).is_err());
 }
 
-/// `voice create` end to end on the fixture: a clip the codec made is cloned into the user
-/// library with its quality figures, listed, refused a second time without `--replace`, and
-/// spoken by `say`.
-#[test]
-fn voice_create_clones_a_clip_into_the_library_and_it_speaks() {
-    let home = tempfile::tempdir().unwrap();
-    let fixture = common::fixture_dir();
-    let model = common::model();
-    // 48 frames of a known voice: 3.84 s at 24 kHz.
-    let audio = model.decode(&random_frames(48, 7)).unwrap();
-    let clip = home.path().join("me.wav");
+/// A 16-bit WAV of `frames` frames of random codes decoded by the fixture (a known voice).
+fn write_decoded_clip(path: &Path, frames: usize, seed: u64) {
+    let audio = common::model()
+        .decode(&random_frames(frames, seed))
+        .unwrap();
     let spec = hound::WavSpec {
         channels: 1,
         sample_rate: 24_000,
@@ -436,11 +430,22 @@ fn voice_create_clones_a_clip_into_the_library_and_it_speaks() {
         sample_format: hound::SampleFormat::Int,
     };
     let peak = audio.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
-    let mut w = hound::WavWriter::create(&clip, spec).unwrap();
+    let mut w = hound::WavWriter::create(path, spec).unwrap();
     for x in &audio {
         w.write_sample((x / peak * 0.8 * 32767.0) as i16).unwrap();
     }
     w.finalize().unwrap();
+}
+
+/// `voice create` end to end on the fixture: a clip the codec made is cloned into the user
+/// library with its quality figures, listed, refused a second time without `--replace`, and
+/// spoken by `say`.
+#[test]
+fn voice_create_clones_a_clip_into_the_library_and_it_speaks() {
+    let home = tempfile::tempdir().unwrap();
+    let fixture = common::fixture_dir();
+    let clip = home.path().join("me.wav");
+    write_decoded_clip(&clip, 48, 7);
     let run = |args: &[&str]| {
         std::process::Command::new(env!("CARGO_BIN_EXE_voxtrald"))
             .args(args)
@@ -547,4 +552,69 @@ fn voice_create_clones_a_clip_into_the_library_and_it_speaks() {
         String::from_utf8_lossy(&say.stderr)
     );
     assert!(hound::WavReader::open(&wav).unwrap().len() > 0);
+}
+
+/// Ctrl-C (SIGINT) during `voice create` stops the search and stores the best codes so far.
+#[test]
+fn ctrl_c_during_voice_create_keeps_the_best_codes_so_far() {
+    let home = tempfile::tempdir().unwrap();
+    let clip = home.path().join("me.wav");
+    write_decoded_clip(&clip, 40, 8);
+    let env = |c: &mut std::process::Command| {
+        c.env("HOME", home.path())
+            .env("XDG_DATA_HOME", home.path().join("data"))
+            .env("XDG_CONFIG_HOME", home.path().join("config"))
+            .env("RUST_BACKTRACE", "0");
+    };
+    let fx = common::fixture_dir();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_voxtrald"));
+    cmd.args(["voice", "create", "stopped", "--from"])
+        .arg(&clip)
+        .args([
+            "--steps",
+            "1000000",
+            "--crop-frames",
+            "4",
+            "--device",
+            "cpu",
+            "--model",
+        ])
+        .arg(&fx)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    env(&mut cmd);
+    let mut child = cmd.spawn().unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("clip: ") {
+        line.clear();
+        assert!(err.read_line(&mut line).unwrap() > 0, "no clip line");
+    }
+    // The search is running; the Ctrl-C watcher was set up before it.
+    std::thread::sleep(Duration::from_millis(1500));
+    let st = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let drain = std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = err.read_to_string(&mut rest);
+        rest
+    });
+    let out = child.wait_with_output().unwrap();
+    let stderr = drain.join().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stderr.contains("keeping the best codes"), "{stderr}");
+    assert!(
+        stdout.contains("stopped after") && stdout.contains("created `stopped`"),
+        "{stdout}"
+    );
+    let mut list = std::process::Command::new(env!("CARGO_BIN_EXE_voxtrald"));
+    list.args(["voice", "list", "--json"]);
+    env(&mut list);
+    let json: Value = serde_json::from_slice(&list.output().unwrap().stdout).unwrap();
+    let steps = json["voices"][0]["made"]["steps"].as_u64().unwrap();
+    assert!(steps > 0 && steps < 1_000_000, "{json}");
 }
