@@ -470,3 +470,48 @@ fn bench_reports_single_and_multi_stream_json() {
     assert_eq!(results[1]["frames_per_stream"], 3);
     assert!(results[1]["audio_s_per_s"].as_f64().unwrap() > 0.0);
 }
+
+/// SIGKILL in the middle of `say --out`: the target never exists half written (the WAV goes
+/// to a temporary file beside it and is renamed into place only when complete).
+#[test]
+fn sigkill_during_say_out_leaves_no_partial_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("speech.wav");
+    let text = "A sentence that goes on for a while. ".repeat(40);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_voxtrald"))
+        .args(["say", "--model", &fixture(), "--max-frames", "400", "--out"])
+        .arg(&out)
+        .arg(&text)
+        .env("RUST_BACKTRACE", "0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until the audio is being written (a file appears beside the target), then kill.
+    let started = std::time::Instant::now();
+    loop {
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().collect();
+        if !names.is_empty() {
+            break;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "say ended before writing"
+        );
+        assert!(started.elapsed().as_secs() < 60, "no output file appeared");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "say finished before the kill: the test proves nothing"
+    );
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(!out.exists(), "a partial {} was left", out.display());
+    // What is left is only the hidden temporary file, never under the target's name.
+    for e in std::fs::read_dir(dir.path()).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        assert!(name.starts_with('.'), "visible leftover {name}");
+    }
+}

@@ -14,6 +14,8 @@ use common::{fixture_dir, model};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed};
 use voxtrald::frontends::protocol::Message;
+use voxtrald::library::store::read_voice;
+use voxtrald::library::{CodeOffset, Codes, Library};
 use voxtrald::text::sentences::split_sentences;
 use voxtrald::text::ssml;
 
@@ -36,6 +38,23 @@ fn config(scale: u32) -> Config {
 
 /// Text with the characters that matter: markup, entities, punctuation of every script the
 /// model reads, whitespace, and anything else.
+/// `src` with bytes flipped (never to themselves) and, when given, cut short.
+fn damage(
+    src: &[u8],
+    flips: &[(prop::sample::Index, u8)],
+    cut: Option<prop::sample::Index>,
+) -> Vec<u8> {
+    let mut bytes = src.to_vec();
+    for (i, b) in flips {
+        let i = i.index(bytes.len());
+        bytes[i] ^= b | 1;
+    }
+    if let Some(c) = cut {
+        bytes.truncate(c.index(src.len()));
+    }
+    bytes
+}
+
 fn texty() -> impl Strategy<Value = String> {
     let pieces = prop_oneof![
         Just("<speak>".to_string()),
@@ -157,16 +176,48 @@ proptest! {
     }
 
     #[test]
+    fn damaged_code_files_are_errors(flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6), cut in any::<prop::sample::Index>(), truncate in any::<bool>()) {
+        let src = Codes::new(common::random_frames(6, 3)).unwrap().to_npy();
+        let bytes = damage(&src, &flips, truncate.then_some(cut));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("codes.npy");
+        std::fs::write(&path, &bytes).unwrap();
+        let read = std::panic::catch_unwind(|| Codes::read_npy(&path, CodeOffset::Auto).map(|_| ()));
+        let Ok(result) = read else {
+            return Err(TestCaseError::fail("read_npy panicked"));
+        };
+        if let Err(e) = result {
+            prop_assert!(e.to_string().contains("codes.npy"), "{e}");
+        }
+    }
+
+    #[test]
+    fn damaged_user_voice_files_are_errors(flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6), cut in any::<prop::sample::Index>(), truncate in any::<bool>()) {
+        let dir = tempfile::tempdir().unwrap();
+        let npy = dir.path().join("in.npy");
+        std::fs::write(&npy, Codes::new(common::random_frames(4, 2)).unwrap().to_npy()).unwrap();
+        let lib = Library::new(dir.path().join("voices"));
+        let v = lib.import("mine", "en", &npy, CodeOffset::Auto).unwrap();
+        let src = std::fs::read(&v.path).unwrap();
+        let path = dir.path().join("voices/hurt.json");
+        std::fs::write(&path, damage(&src, &flips, truncate.then_some(cut))).unwrap();
+        let read = std::panic::catch_unwind(|| read_voice(&path).map(|_| ()));
+        let Ok(result) = read else {
+            return Err(TestCaseError::fail("read_voice panicked"));
+        };
+        if let Err(e) = result {
+            prop_assert!(e.to_string().contains("hurt"), "{e}");
+        }
+        // The library lists the damaged file beside the good one, whatever the damage.
+        let scanned = lib.scan();
+        prop_assert_eq!(scanned.len(), 2);
+        prop_assert!(scanned.iter().any(|r| r.as_ref().is_ok_and(|u| u.name == "mine")));
+    }
+
+    #[test]
     fn damaged_voice_files_are_errors(flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6), cut in any::<prop::sample::Index>(), truncate in any::<bool>()) {
         let src = std::fs::read(fixture_dir().join("voice_embedding/fr_female.pt")).unwrap();
-        let mut bytes = src.clone();
-        for (i, b) in &flips {
-            let i = i.index(bytes.len());
-            bytes[i] ^= b | 1;
-        }
-        if truncate {
-            bytes.truncate(cut.index(src.len()));
-        }
+        let bytes = damage(&src, &flips, truncate.then_some(cut));
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("fr_female.pt");
         std::fs::write(&path, &bytes).unwrap();
