@@ -2,9 +2,10 @@
 //! gradient of the loss at the current codes ranks single-code changes (another semantic
 //! entry, one acoustic value one level up or down) by the gain it predicts, the best few are
 //! decoded exactly on a short window (the inference decoder's streaming state carries the
-//! frames before, so a candidate costs only its window), and the best real gain is kept. Gradient descent through snapped codes finds
-//! the region; this finds the codes in it (the semantic code, one of thousands, sets most of
-//! a frame's sound and a straight-through step rarely lands on the right one).
+//! frames before, so a candidate costs only its window), and the best real gain is kept.
+//! Gradient descent through snapped codes finds the region; this finds the codes in it (the
+//! semantic code, one of thousands, sets most of a frame's sound and a straight-through step
+//! rarely lands on the right one).
 
 use std::collections::HashMap;
 
@@ -85,22 +86,15 @@ impl<'a> Refiner<'a> {
         }
     }
 
-    /// The latent rows `[len, sd + na]` of raw frame codes.
+    /// The latent rows `[len, sd + na]` of raw frame codes: the inference decoder's own.
     pub fn latent(&self, frames: &[FrameCodes]) -> Result<Tensor> {
-        let dev = self.dec.device();
-        let sem: Vec<u32> = frames.iter().map(|f| f[0]).collect();
-        let s = self
-            .dec
-            .codebook()
-            .index_select(&Tensor::new(sem.as_slice(), dev)?, 0)?;
-        let top = (self.dec.levels() - 1) as f32;
-        let na = self.dec.n_acoustic();
-        let ac: Vec<f32> = frames
-            .iter()
-            .flat_map(|f| f[1..].iter().map(|&k| k as f32 * 2.0 / top - 1.0))
-            .collect();
-        let a = Tensor::from_vec(ac, (frames.len(), na), dev)?.to_dtype(self.dec.dtype())?;
-        Tensor::cat(&[&s, &a], 1)
+        self.codec
+            .latent(&model_side(frames))
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?
+            .squeeze(0)?
+            .t()?
+            .to_dtype(self.dec.dtype())?
+            .contiguous()
     }
 
     fn loss_for(&mut self, samples: usize) -> Result<&Spectral> {
