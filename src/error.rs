@@ -56,6 +56,13 @@ pub enum Error {
         need: String,
         have: String,
     },
+    #[error("not enough memory on {device} for another stream: {streams} running, each with a KV cache of up to {cache}, and {have}; lower [limits] max_streams or --max-positions, or raise --max-memory")]
+    StreamMemory {
+        device: String,
+        streams: usize,
+        cache: String,
+        have: String,
+    },
     #[error("the text is empty")]
     EmptyText,
     #[error("the prompt needs {needed} positions but the context limit is {limit}")]

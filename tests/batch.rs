@@ -1,5 +1,6 @@
-//! Several utterances decoded together share each backbone step and flow-head pass; the frames
-//! must be those of decoding each alone.
+//! Several utterances decoded together share each backbone step and flow-head pass, and
+//! prompts arriving together share one prefill pass; the frames must be those of decoding
+//! each alone.
 
 mod common;
 
@@ -64,5 +65,50 @@ fn batched_frames_equal_frames_decoded_alone() {
     }
     for g in &gens {
         assert!(g.stop_reason().is_some());
+    }
+}
+
+#[test]
+fn prompts_prefilled_together_give_the_frames_of_each_alone() {
+    let m = model();
+    let cases = [
+        ("casual_male", "Hello world.", 3),
+        (
+            "fr_female",
+            "Bonjour à tous, comment allez-vous ce matin ?",
+            4,
+        ),
+        ("de_male", "Guten Tag.", 5),
+    ];
+    let prompts: Vec<_> = cases
+        .iter()
+        .map(|&(v, t, _)| m.prompt(v, t).unwrap())
+        .collect();
+    let lens: Vec<usize> = prompts.iter().map(|p| p.ids.len()).collect();
+    assert!(
+        lens[0] != lens[1] && lens[1] != lens[2],
+        "prompts of different lengths: {lens:?}"
+    );
+    let opts = GenerateOptions {
+        max_frames: 5,
+        ..Default::default()
+    };
+    let refs: Vec<&_> = prompts.iter().collect();
+    let prefills = m.prefill(&refs).unwrap();
+    for ((&(v, t, seed), prefill), prompt) in cases.iter().zip(prefills).zip(&prompts) {
+        let mut together = m.generation(prefill, Box::new(SeededNoise::new(seed)), &opts);
+        let mut alone = start(m, v, t, seed, 5);
+        assert_eq!(together.positions(), prompt.ids.len());
+        assert_eq!(together.positions(), alone.positions());
+        let mut n = 0;
+        while let Some(fa) = alone.next_frame().unwrap() {
+            let fb = together.next_frame().unwrap().expect("as many frames");
+            assert_eq!(fa.codes, fb.codes, "{t}: codes of frame {n}");
+            let d = max_abs_diff(&flat(&fa), &flat(&fb));
+            assert!(d <= 1e-4, "{t}: hidden states of frame {n} differ by {d}");
+            n += 1;
+        }
+        assert_eq!(n, 5);
+        assert!(together.next_frame().unwrap().is_none());
     }
 }

@@ -515,3 +515,76 @@ fn sigkill_during_say_out_leaves_no_partial_file() {
         assert!(name.starts_with('.'), "visible leftover {name}");
     }
 }
+
+/// `say --out` onto a full disk (a 64 KiB tmpfs in a private mount namespace) and past a file
+/// size limit (`ulimit -f`): a clear error naming the file, a failing exit, and nothing left
+/// behind, neither the target nor the temporary file.
+#[test]
+fn say_out_on_a_full_disk_fails_clearly_and_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("full");
+    std::fs::create_dir(&target).unwrap();
+    let out = target.join("speech.wav");
+    // 40 frames of 1920 16-bit samples: 150 KiB, more than either limit allows.
+    let say = format!(
+        "{} say --model {} --max-frames 40 --out {} 'Long enough to fill the disk.'",
+        env!("CARGO_BIN_EXE_voxtrald"),
+        fixture(),
+        out.display()
+    );
+    let listing = format!(
+        "rc=$?; echo; echo left:; ls -A {}; exit $rc",
+        target.display()
+    );
+    let mut cases: Vec<(&str, Vec<String>, &str)> = vec![(
+        "file size limit",
+        vec![
+            "bash".into(),
+            "-c".into(),
+            format!("trap '' XFSZ; ulimit -f 64; {say}; {listing}"),
+        ],
+        "File too large",
+    )];
+    let can_mount = Command::new("unshare")
+        .args(["-rm", "true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if can_mount {
+        let tmpfs = format!(
+            "mount -t tmpfs -o size=64k voxtrald-full {} || exit 99; {say}; {listing}",
+            target.display()
+        );
+        cases.push((
+            "full disk",
+            ["unshare", "-rm", "bash", "-c", &tmpfs]
+                .map(String::from)
+                .to_vec(),
+            "No space left on device",
+        ));
+    } else {
+        eprintln!("no private mount namespace here (unshare -rm): the full-disk case is skipped");
+    }
+    for (what, argv, expect) in cases {
+        let o = Command::new(&argv[0])
+            .args(&argv[1..])
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_ne!(
+            o.status.code(),
+            Some(99),
+            "{what}: the tmpfs could not be mounted: {stderr}"
+        );
+        assert!(!o.status.success(), "{what}: say succeeded: {stdout}");
+        assert!(stderr.contains(expect), "{what}: {stderr}");
+        assert!(
+            stderr.contains("speech.wav"),
+            "{what}: the error names the file: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{what}: {stderr}");
+        let left = stdout.rsplit("left:").next().unwrap().trim();
+        assert!(left.is_empty(), "{what}: files left behind: {left}");
+    }
+}

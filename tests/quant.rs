@@ -1,4 +1,5 @@
-//! `--quant q8`: int8 weights for the backbone and flow head stay close to f32.
+//! `--quant q8` and `--quant q4`: int8 and 4-bit weights for the backbone and flow head stay
+//! close to f32 (cosine of hidden states and velocities at least 0.99).
 
 mod common;
 
@@ -16,30 +17,47 @@ fn cosine(a: &[f32], b: &[f32]) -> f64 {
 
 #[test]
 fn q8_hidden_states_and_velocities_track_f32() {
-    let q8 = Voxtral::load(
+    track_f32(Quant::Q8);
+}
+
+#[test]
+fn q4_hidden_states_and_velocities_track_f32() {
+    track_f32(Quant::Q4);
+}
+
+fn track_f32(quant: Quant) {
+    let model_q = Voxtral::load(
         &fixture_dir(),
         &LoadOptions {
-            quant: Quant::Q8,
+            quant,
             ..Default::default()
         },
     )
     .unwrap();
     let f32m = model();
-    let prompt = q8.prompt("casual_male", "Hello world.").unwrap();
-    let mut c = q8.backbone().new_cache();
-    let h = flat(&q8.backbone().forward(&mut c, &prompt.embeddings).unwrap());
+    let prompt = model_q.prompt("casual_male", "Hello world.").unwrap();
+    let mut c = model_q.backbone().new_cache();
+    let h = flat(
+        &model_q
+            .backbone()
+            .forward(&mut c, &prompt.embeddings)
+            .unwrap(),
+    );
     let want = golden_f32("backbone_hidden");
     let cos = cosine(&h, &want);
-    eprintln!("q8 backbone cosine {cos}");
+    eprintln!("{quant:?} backbone cosine {cos}");
     assert!(cos >= 0.99, "backbone cosine {cos}");
-    assert!(max_abs_diff(&h, &want) > 0.0, "q8 must actually be in use");
+    assert!(
+        max_abs_diff(&h, &want) > 0.0,
+        "{quant:?} must actually be in use"
+    );
 
     let hid = golden("ac_last_noise_hidden");
     let noise = golden_f32("ac_last_noise_noise");
-    let x = q8.head().integrate(&hid, &noise, 1.2, None).unwrap();
+    let x = model_q.head().integrate(&hid, &noise, 1.2, None).unwrap();
     let x32 = f32m.head().integrate(&hid, &noise, 1.2, None).unwrap();
     let cos = cosine(&x, &x32);
-    eprintln!("q8 flow cosine {cos}");
+    eprintln!("{quant:?} flow cosine {cos}");
     assert!(cos >= 0.99, "flow cosine {cos}");
 
     // The whole loop runs and decodes.
@@ -48,7 +66,7 @@ fn q8_hidden_states_and_velocities_track_f32() {
         max_frames: 6,
         ..Default::default()
     };
-    let mut gen = q8
+    let mut gen = model_q
         .start(&prompt, Box::new(InjectedNoise::new(rows)), &opts)
         .unwrap();
     let mut frames = Vec::new();
@@ -56,7 +74,7 @@ fn q8_hidden_states_and_velocities_track_f32() {
         frames.push(f.codes);
     }
     assert_eq!(frames.len(), 6);
-    let wave = q8.decode(&frames).unwrap();
+    let wave = model_q.decode(&frames).unwrap();
     assert_eq!(wave.len(), 6 * 1920);
     assert!(wave.iter().all(|v| v.is_finite()));
 }

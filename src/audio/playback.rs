@@ -32,6 +32,8 @@ pub struct Controls {
     /// Set by the renderer once a stop has faded out.
     pub stopped: AtomicBool,
     pub underruns: AtomicU64,
+    /// Errors the device reported on the running stream (an ALSA xrun, say).
+    pub device_errors: AtomicU64,
     /// Device frames written that carried audio.
     pub played: AtomicU64,
 }
@@ -194,7 +196,11 @@ fn open_device() -> Result<Opened> {
     let controls = Arc::new(Controls::default());
     let mut renderer = Renderer::new(controls.clone(), consumer, rate);
     let ch = channels as usize;
-    let err = |e: cpal::Error| tracing::warn!(error = %e, "audio stream error");
+    let errors = controls.clone();
+    let err = move |e: cpal::Error| {
+        errors.device_errors.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(error = %e, "audio stream error");
+    };
     macro_rules! build {
         ($t:ty) => {
             device.build_output_stream::<$t, _, _>(
@@ -348,6 +354,17 @@ impl Player {
         }
         // Let the device play its own buffer.
         std::thread::sleep(Duration::from_millis(150));
+        let c = &self.controls;
+        let (underruns, device_errors) = (
+            c.underruns.load(Ordering::Relaxed),
+            c.device_errors.load(Ordering::Relaxed),
+        );
+        let played_s = c.played.load(Ordering::Relaxed) as f64 / self.device_rate as f64;
+        if underruns + device_errors > 0 {
+            tracing::warn!(underruns, device_errors, played_s, "playback had gaps");
+        } else {
+            tracing::info!(underruns, device_errors, played_s, "playback finished");
+        }
         Ok(())
     }
 

@@ -39,6 +39,8 @@ pub fn streaming_header(sample_rate: u32) -> Vec<u8> {
 /// A mono WAV being written.
 pub struct WavSink {
     writer: hound::WavWriter<BufWriter<File>>,
+    /// The same file, to sync it before the rename (the writer keeps its own handle).
+    synced: File,
     tmp: tempfile::TempPath,
     path: PathBuf,
     format: WavFormat,
@@ -56,6 +58,7 @@ impl WavSink {
             .tempfile_in(dir)
             .map_err(|e| Error::io(dir, e))?;
         let (file, tmp) = tmp.into_parts();
+        let synced = file.try_clone().map_err(|e| Error::io(path, e))?;
         let spec = hound::WavSpec {
             channels: 1,
             sample_rate,
@@ -70,6 +73,7 @@ impl WavSink {
             .map_err(|e| Error::io(path, std::io::Error::other(e)))?;
         Ok(Self {
             writer,
+            synced,
             tmp,
             path: path.into(),
             format,
@@ -93,6 +97,7 @@ impl WavSink {
         self.writer
             .finalize()
             .map_err(|e| Error::io(&path, std::io::Error::other(e)))?;
+        self.synced.sync_all().map_err(|e| Error::io(&path, e))?;
         crate::atomic::publish(&self.tmp)?;
         self.tmp
             .persist(&path)

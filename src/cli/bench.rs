@@ -48,6 +48,8 @@ struct StreamsRun {
     first_audio_max_s: f64,
     /// The most streams that shared one decoding step (this engine's run so far).
     widest_step: usize,
+    /// The most prompts prefilled in one pass (this engine's run so far).
+    widest_prefill: usize,
     /// Wall time over the audio of one stream: below 1 keeps up with playback.
     rtf_per_stream: f64,
     /// Seconds of audio produced per second, all streams together.
@@ -126,6 +128,7 @@ fn streams_run(a: &BenchArgs, engine: &Engine, n: usize) -> anyhow::Result<Strea
         wall_s,
         first_audio_max_s: outcomes.iter().map(|o| o.0).fold(0.0, f64::max),
         widest_step: engine.widest_step(),
+        widest_prefill: engine.widest_prefill(),
         rtf_per_stream: wall_s / shortest,
         audio_s_per_s: outcomes.iter().map(|o| o.1 as f64 / rate).sum::<f64>() / wall_s,
     })
@@ -154,14 +157,15 @@ fn run_streams(a: &BenchArgs) -> anyhow::Result<()> {
         if !a.json {
             eprintln!(
                 "{} streams x {} frames: {:.2} s, RTF per stream {:.3}, {:.2} s of audio per second, \
-                 last first audio {:.2} s, widest step {}",
+                 last first audio {:.2} s, widest step {}, widest prefill {}",
                 r.streams,
                 r.frames_per_stream,
                 r.wall_s,
                 r.rtf_per_stream,
                 r.audio_s_per_s,
                 r.first_audio_max_s,
-                r.widest_step
+                r.widest_step,
+                r.widest_prefill
             );
         }
         results.push(r);

@@ -281,7 +281,16 @@ fn create(
         .progress_chars("=> "),
     );
     let started = Instant::now();
+    // Without a terminal the bar is hidden: a plain line after the first step and at every
+    // tenth of the way tells logs (and the Ctrl-C test) that the search is under way.
+    let plain = bar.is_hidden();
     let mut report = |p: &Progress| {
+        if plain && (p.step == 1 || p.step.is_multiple_of((p.steps / 10).max(1))) {
+            eprintln!(
+                "step {}/{}: loss {:.4} (best {:.4})",
+                p.step, p.steps, p.loss, p.best_loss
+            );
+        }
         bar.set_length(p.steps as u64);
         bar.set_position(p.step as u64);
         bar.set_message(format!("loss {:.4} (best {:.4})", p.loss, p.best_loss));

@@ -190,17 +190,11 @@ fn serve(
         settings: Settings::default(),
         server_audio: false,
     };
-    let mut line = String::new();
     loop {
-        line.clear();
-        if input
-            .read_line(&mut line)
-            .context("reading from speech-dispatcher")?
-            == 0
-        {
+        let Some(line) = read_line(&mut input).context("reading from speech-dispatcher")? else {
             m.stop(None);
             return Ok(());
-        }
+        };
         let cmd = line.trim_end_matches(['\n', '\r']);
         tracing::debug!(cmd, "speech-dispatcher");
         match cmd {
@@ -277,14 +271,26 @@ fn serve(
     }
 }
 
+/// One line, `None` at the end of input. Bytes that are not UTF-8 become U+FFFD: a garbled
+/// line is answered as an unknown command, it does not end the module.
+fn read_line(input: &mut impl BufRead) -> std::io::Result<Option<String>> {
+    let mut raw = Vec::new();
+    if input.read_until(b'\n', &mut raw)? == 0 {
+        return Ok(None);
+    }
+    Ok(Some(match String::from_utf8(raw) {
+        Ok(s) => s,
+        Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+    }))
+}
+
 /// Lines up to a lone `.`, with the leading dot of `..` lines removed.
 fn read_block(input: &mut impl BufRead) -> anyhow::Result<Vec<String>> {
     let mut lines = Vec::new();
     loop {
-        let mut line = String::new();
-        if input.read_line(&mut line)? == 0 {
+        let Some(line) = read_line(input)? else {
             anyhow::bail!("speech-dispatcher closed the pipe inside a block");
-        }
+        };
         let line = line.trim_end_matches(['\n', '\r']);
         if line == "." {
             return Ok(lines);
@@ -520,6 +526,8 @@ mod tests {
         assert_eq!(read_block(&mut input).unwrap(), ["one", ".two"]);
         let mut cut = std::io::Cursor::new("one\n");
         assert!(read_block(&mut cut).is_err());
+        let mut garbled = std::io::Cursor::new(b"o\xffne\n.\n".to_vec());
+        assert_eq!(read_block(&mut garbled).unwrap(), ["o\u{fffd}ne"]);
     }
 
     #[test]

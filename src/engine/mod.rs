@@ -81,12 +81,23 @@ pub struct Engine {
 
 impl Engine {
     pub fn new(model: Arc<Voxtral>, cfg: EngineConfig) -> Self {
+        if let Some(fit) = model.streams_that_fit() {
+            if fit < cfg.max_streams + 1 {
+                tracing::warn!(
+                    fit,
+                    max_streams = cfg.max_streams,
+                    "--max-memory has room for {fit} streams' KV caches; streams beyond are \
+                     refused"
+                );
+            }
+        }
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 next_id: 1,
                 ..Default::default()
             }),
             widest_step: AtomicUsize::new(0),
+            widest_prefill: AtomicUsize::new(0),
             wake: Condvar::new(),
             model,
             cfg,
@@ -254,6 +265,11 @@ impl Engine {
     pub fn widest_step(&self) -> usize {
         self.shared.widest_step.load(Ordering::Relaxed)
     }
+
+    /// The most prompts prefilled together in one pass so far.
+    pub fn widest_prefill(&self) -> usize {
+        self.shared.widest_prefill.load(Ordering::Relaxed)
+    }
 }
 
 impl Drop for Engine {
@@ -282,10 +298,153 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::noise::NoiseSource;
     use crate::model::LoadOptions;
 
     /// Text that makes the engine panic mid-request (tests only).
     pub(super) const PANIC_MARK: &str = "[[panic]]";
+    /// Text whose noise source panics, or fails, at its third frame: inside the shared step.
+    const STEP_PANIC_MARK: &str = "[[step-panic]]";
+    const STEP_ERROR_MARK: &str = "[[step-error]]";
+
+    struct FaultyNoise {
+        inner: Box<dyn NoiseSource>,
+        panics: bool,
+    }
+
+    impl NoiseSource for FaultyNoise {
+        fn frame(&mut self, frame: usize, n: usize) -> Result<Vec<f32>> {
+            match (frame, self.panics) {
+                (2, true) => panic!("injected step fault"),
+                (2, false) => Err(Error::InvalidInput("injected step error".into())),
+                _ => self.inner.frame(frame, n),
+            }
+        }
+    }
+
+    /// The sentence's noise, faulty where its text asks for it.
+    pub(super) fn faulty_noise(text: &str, inner: Box<dyn NoiseSource>) -> Box<dyn NoiseSource> {
+        for (mark, panics) in [(STEP_PANIC_MARK, true), (STEP_ERROR_MARK, false)] {
+            if text.contains(mark) {
+                return Box::new(FaultyNoise { inner, panics });
+            }
+        }
+        inner
+    }
+
+    fn tiny_dir() -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/voxtral-tiny")
+    }
+
+    fn client(text: &str, frames: usize) -> SpeechRequest {
+        let mut r = SpeechRequest::new(text, "casual_male");
+        r.max_frames = frames;
+        r.destination = Destination::Client;
+        r
+    }
+
+    /// Every event's samples, and the terminal event.
+    fn drain(mut job: Job) -> (Vec<f32>, Event) {
+        let mut audio = Vec::new();
+        while let Some(ev) = job.recv() {
+            match ev {
+                Event::Audio { samples, .. } => audio.extend(samples),
+                Event::Finished { .. } | Event::Failed { .. } | Event::Cancelled { .. } => {
+                    return (audio, ev)
+                }
+                _ => {}
+            }
+        }
+        panic!("no terminal event")
+    }
+
+    #[test]
+    fn a_fault_inside_a_shared_step_fails_only_its_job() {
+        let model = Arc::new(Voxtral::load(&tiny_dir(), &LoadOptions::default()).unwrap());
+        let engine = Engine::new(model, EngineConfig::default());
+        let good = "Good words go on.";
+        let (alone, end) = drain(engine.submit(client(good, 8)).unwrap());
+        assert!(matches!(end, Event::Finished { .. }), "{end:?}");
+        for (mark, what) in [
+            (STEP_PANIC_MARK, "injected step fault"),
+            (STEP_ERROR_MARK, "injected step error"),
+        ] {
+            // Submitted together, so that they are admitted and stepped together.
+            let a = engine.submit(client(good, 8)).unwrap();
+            let b = engine
+                .submit(client(&format!("Bad {mark} words."), 8))
+                .unwrap();
+            let c = engine.submit(client(good, 8)).unwrap();
+            let ((a, ea), (_, eb), (c, ec)) = (drain(a), drain(b), drain(c));
+            match eb {
+                Event::Failed { reason } => assert!(reason.contains(what), "{reason}"),
+                other => panic!("expected the faulty job to fail, got {other:?}"),
+            }
+            for (audio, end) in [(a, ea), (c, ec)] {
+                assert!(matches!(end, Event::Finished { .. }), "{mark}: {end:?}");
+                assert_eq!(audio.len(), alone.len(), "{mark}: all its audio");
+                let worst = audio
+                    .iter()
+                    .zip(&alone)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0f32, f32::max);
+                assert!(worst < 1e-3, "{mark}: differs from alone by {worst}");
+            }
+        }
+        assert!(engine.widest_step() >= 3, "the jobs never shared a step");
+        let (_, end) = drain(engine.submit(client(good, 3)).unwrap());
+        assert!(matches!(end, Event::Finished { .. }));
+    }
+
+    #[test]
+    fn a_stream_whose_cache_would_not_fit_is_refused_and_the_others_go_on() {
+        let dir = tiny_dir();
+        let cfg = crate::model::config::ModelConfig::from_file(&dir.join("params.json")).unwrap();
+        let opts = LoadOptions::default();
+        let plan = crate::model::memory::plan(
+            &cfg,
+            opts.dtype,
+            opts.quant,
+            opts.max_positions,
+            &opts.device,
+        )
+        .unwrap();
+        // Room for two streams' caches and half a third.
+        let limit = plan.weights + plan.working + 2 * plan.kv_cache + plan.kv_cache / 2;
+        let opts = LoadOptions {
+            max_memory: Some(limit),
+            ..opts
+        };
+        let model = Arc::new(Voxtral::load(&dir, &opts).unwrap());
+        assert_eq!(model.streams_that_fit(), Some(2));
+        let engine = Engine::new(model, EngineConfig::default());
+        let jobs: Vec<Job> = (0..3)
+            .map(|i| {
+                engine
+                    .submit(client(&format!("Stream {i} speaks."), 8))
+                    .unwrap()
+            })
+            .collect();
+        let ends: Vec<Event> = jobs.into_iter().map(|j| drain(j).1).collect();
+        let refused: Vec<&String> = ends
+            .iter()
+            .filter_map(|e| match e {
+                Event::Failed { reason } => Some(reason),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(refused.len(), 1, "{ends:?}");
+        assert!(refused[0].contains("another stream"), "{}", refused[0]);
+        assert!(refused[0].contains("2 running"), "{}", refused[0]);
+        let finished = ends
+            .iter()
+            .filter(|e| matches!(e, Event::Finished { .. }))
+            .count();
+        assert_eq!(finished, 2, "{ends:?}");
+        // The memory came back with the streams.
+        let (_, end) = drain(engine.submit(client("Once more.", 3)).unwrap());
+        assert!(matches!(end, Event::Finished { .. }), "{end:?}");
+    }
 
     #[test]
     fn a_panicking_request_fails_alone_and_the_engine_keeps_serving() {

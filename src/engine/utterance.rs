@@ -23,10 +23,10 @@ use super::EngineConfig;
 use crate::audio::pcm::apply_gain;
 use crate::audio::prosody::{Prosody, MAX_PITCH, MIN_PITCH};
 use crate::audio::stretch::{MAX_RATE, MIN_RATE};
-use crate::model::noise::SeededNoise;
+use crate::model::noise::{NoiseSource, SeededNoise};
 use crate::model::prompt::PromptTokens;
 use crate::model::stream::StreamingDecoder;
-use crate::model::{Frame, GenerateOptions, Generation, Voxtral};
+use crate::model::{Frame, GenerateOptions, Generation, Prefill, Prompt, Voxtral};
 use crate::text::sentences::{char_slice, words};
 use crate::{Error, Result};
 
@@ -36,6 +36,15 @@ pub(super) const TYPICAL_FRAMES_PER_CHAR: f64 = 0.9;
 
 /// Most audio in one event of a `<break/>`'s silence.
 const SILENCE_CHUNK: usize = 4800;
+
+/// A sentence ready for its prefill: the prompt and what its generation starts with.
+pub(super) struct SentenceStart<'m> {
+    pub prompt: Prompt,
+    pub noise: Box<dyn NoiseSource + 'm>,
+    pub opts: GenerateOptions,
+    pub range: std::ops::Range<usize>,
+    pub text: String,
+}
 
 /// One sentence being generated and streamed.
 struct Utterance<'m> {
@@ -298,8 +307,14 @@ impl<'m> Active<'m> {
     }
 
     /// The next sentence up to its prefill: split it if it cannot fit the context, apply the
-    /// lexicon, build the prompt, start the generation.
-    pub fn begin_sentence(&mut self, model: &'m Voxtral, cfg: &EngineConfig) -> Result<()> {
+    /// lexicon, build the prompt, check there is memory for its cache (`live`: streams that
+    /// hold one now). `None` when there is no sentence left.
+    pub fn prepare_sentence(
+        &mut self,
+        model: &'m Voxtral,
+        cfg: &EngineConfig,
+        live: usize,
+    ) -> Result<Option<SentenceStart<'m>>> {
         let job = &mut self.job;
         if job.started.is_none() {
             job.started = Some(Instant::now());
@@ -307,7 +322,7 @@ impl<'m> Active<'m> {
             self.outbox.push_back(Event::Started);
         }
         let Some(range) = job.sentences.get(job.next_sentence).cloned() else {
-            return Ok(());
+            return Ok(None);
         };
         let text = char_slice(&job.req.text, &range);
         #[cfg(test)]
@@ -351,7 +366,7 @@ impl<'m> Active<'m> {
             };
             job.sentences
                 .splice(job.next_sentence..=job.next_sentence, [head, tail]);
-            return self.begin_sentence(model, cfg);
+            return self.prepare_sentence(model, cfg, live);
         }
         let prompt = prompt?;
         job.next_sentence += 1;
@@ -365,7 +380,36 @@ impl<'m> Active<'m> {
             max_frames: job.req.max_frames,
             cfg_alpha: job.req.cfg_alpha,
         };
-        let gen = model.start(&prompt, Box::new(SeededNoise::new(seed)), &opts)?;
+        model.room_for_stream(live)?;
+        let noise: Box<dyn NoiseSource> = Box::new(SeededNoise::new(seed));
+        #[cfg(test)]
+        let noise = super::tests::faulty_noise(&text, noise);
+        Ok(Some(SentenceStart {
+            prompt,
+            noise,
+            opts,
+            range,
+            text,
+        }))
+    }
+
+    /// Takes the prefilled generation of the sentence `prepare_sentence` made ready.
+    pub fn begin_sentence(
+        &mut self,
+        model: &'m Voxtral,
+        cfg: &EngineConfig,
+        start: SentenceStart<'m>,
+        prefill: Prefill,
+    ) -> Result<()> {
+        let SentenceStart {
+            noise,
+            opts,
+            range,
+            text,
+            ..
+        } = start;
+        let gen = model.generation(prefill, noise, &opts);
+        let job = &mut self.job;
         let (rate, pitch, volume) = job.req.markup.prosody_at(range.start);
         let rate = (job.req.rate * rate).clamp(MIN_RATE, MAX_RATE);
         let pitch = (job.req.pitch * pitch).clamp(MIN_PITCH, MAX_PITCH);

@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 use super::job::{lock, Control, EventSender};
 use super::policy;
 use super::request::{Destination, Event, JobId, Priority, SpeechRequest};
-use super::utterance::Active;
+use super::utterance::{Active, SentenceStart};
 use super::EngineConfig;
-use crate::model::{Generation, Voxtral};
+use crate::model::{Generation, Prompt, StepMark, Voxtral};
 use crate::Error;
 
 /// A job between its submission and its end: what to say, where it has got to.
@@ -103,6 +103,8 @@ pub(super) struct State {
 pub(super) struct Shared {
     pub state: Mutex<State>,
     pub widest_step: AtomicUsize,
+    /// The most prompts prefilled in one pass so far.
+    pub widest_prefill: AtomicUsize,
     pub wake: Condvar,
     pub model: Arc<Voxtral>,
     pub cfg: EngineConfig,
@@ -114,6 +116,9 @@ pub(super) fn panicked(job: JobId, payload: Box<dyn std::any::Any + Send>) -> Er
     Error::Internal(what)
 }
 
+/// Prefills in one pass while other streams are mid-sentence.
+const PREFILLS_WHILE_SPEAKING: usize = 4;
+
 /// The worker's loop.
 pub(super) fn run(shared: Arc<Shared>) {
     let model: &Voxtral = &shared.model;
@@ -121,21 +126,33 @@ pub(super) fn run(shared: Arc<Shared>) {
     let mut active: Vec<Active<'_>> = Vec::new();
     while settle(&shared, &mut active) {
         let mut progressed = false;
-        // While some are mid-sentence, one prefill per step, so that a newcomer delays audio
-        // already flowing by one prefill, not by one per newcomer.
+        // Newcomers' prefills share one pass. While some are mid-sentence, a few per step, so
+        // that audio already flowing waits for a small pass, not for every newcomer's.
         let mut prefills = if active.iter().any(Active::mid_sentence) {
-            1
+            PREFILLS_WHILE_SPEAKING
         } else {
             usize::MAX
         };
-        for a in &mut active {
+        // Streams holding a KV cache: each newcomer's cache must fit beside them.
+        let live = active.iter().filter(|a| a.mid_sentence()).count();
+        let mut starts = Vec::new();
+        for (i, a) in active.iter_mut().enumerate() {
             progressed |= a.deliver(stall);
             if a.fresh() && prefills > 0 {
                 prefills -= 1;
                 progressed = true;
-                a.guarded(|a| a.begin_sentence(model, &shared.cfg));
+                let mut start = None;
+                a.guarded(|a| {
+                    start = a.prepare_sentence(model, &shared.cfg, live + starts.len())?;
+                    Ok(())
+                });
+                starts.extend(start.map(|s| (i, s)));
             }
         }
+        shared
+            .widest_prefill
+            .fetch_max(starts.len(), Ordering::Relaxed);
+        prefill(model, &shared.cfg, &mut active, starts);
         progressed |= step(&shared, &mut active);
         for a in &mut active {
             a.finish_if_done(model.sample_rate());
@@ -147,14 +164,83 @@ pub(super) fn run(shared: Arc<Shared>) {
     }
 }
 
+/// The prefills of the sentences made ready this round, in one pass for all of them. If the
+/// shared pass fails, each prompt is prefilled alone, so only one that fails alone fails.
+fn prefill<'m>(
+    model: &'m Voxtral,
+    cfg: &EngineConfig,
+    active: &mut [Active<'m>],
+    starts: Vec<(usize, SentenceStart<'m>)>,
+) {
+    let run = |prompts: &[&Prompt]| {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| model.prefill(prompts)))
+            .unwrap_or_else(|payload| Err(panicked(0, payload)))
+    };
+    let shared = match starts.len() {
+        0 => return,
+        1 => None,
+        _ => run(&starts.iter().map(|(_, s)| &s.prompt).collect::<Vec<_>>()).ok(),
+    };
+    match shared {
+        Some(prefills) => {
+            for ((i, start), p) in starts.into_iter().zip(prefills) {
+                active[i].guarded(|a| a.begin_sentence(model, cfg, start, p));
+            }
+        }
+        None => {
+            for (i, start) in starts {
+                match run(&[&start.prompt]) {
+                    Ok(mut p) => {
+                        let p = p.remove(0);
+                        active[i].guarded(|a| a.begin_sentence(model, cfg, start, p));
+                    }
+                    Err(e) => active[i].fail(e),
+                }
+            }
+        }
+    }
+}
+
 /// Advances every ready job by one frame, all in one decoding step. Returns whether any did.
 fn step<'m>(shared: &'m Shared, active: &mut [Active<'m>]) -> bool {
-    let model: &Voxtral = &shared.model;
     let ready: Vec<usize> = (0..active.len()).filter(|&i| active[i].ready()).collect();
     if ready.is_empty() {
         return false;
     }
     shared.widest_step.fetch_max(ready.len(), Ordering::Relaxed);
+    let marks: Vec<Option<StepMark>> = ready
+        .iter()
+        .map(|&i| active[i].generation().map(|g| g.mark()))
+        .collect();
+    let failure = match shared_step(&shared.model, active, &ready) {
+        Ok(()) => return true,
+        Err(e) => e,
+    };
+    if ready.len() == 1 {
+        active[ready[0]].fail(failure);
+        return true;
+    }
+    // The shared step failed and may have half changed every state in it: each goes back to
+    // where it was and steps alone, so only the job that fails alone fails.
+    tracing::warn!(jobs = ready.len(), error = %failure, "shared step failed; retrying each job alone");
+    for (&i, mark) in ready.iter().zip(marks) {
+        if let (Some(g), Some(mark)) = (active[i].generation(), mark) {
+            g.restore(mark);
+        }
+        if let Err(e) = shared_step(&shared.model, active, &[i]) {
+            active[i].fail(e);
+        }
+    }
+    true
+}
+
+/// One decoding step for the jobs at `ready` (ascending indices): their frames are taken, or
+/// the step's error (a panic included) is returned for all of them.
+fn shared_step<'m>(
+    model: &'m Voxtral,
+    active: &mut [Active<'m>],
+    ready: &[usize],
+) -> Result<(), Error> {
     let results = {
         let mut gens: Vec<&mut Generation<'m>> = active
             .iter_mut()
@@ -166,22 +252,16 @@ fn step<'m>(shared: &'m Shared, active: &mut [Active<'m>]) -> bool {
             model.next_frames(&mut gens)
         }))
     };
-    // The shared step failed: every job in it fails, since none can go on from a state the
-    // step may have half changed.
-    let failure = match results {
+    match results {
         Ok(Ok(results)) => {
             for (&i, frame) in ready.iter().zip(results) {
                 active[i].guarded(|a| a.take_frame(model, frame));
             }
-            return true;
+            Ok(())
         }
-        Ok(Err(e)) => e.to_string(),
-        Err(payload) => panicked(active[ready[0]].job.id, payload).to_string(),
-    };
-    for &i in &ready {
-        active[i].fail(Error::Internal(failure.clone()));
+        Ok(Err(e)) => Err(Error::Internal(e.to_string())),
+        Err(payload) => Err(panicked(active[ready[0]].job.id, payload)),
     }
-    true
 }
 
 /// The worker's bookkeeping under the state lock: retires ended jobs, returns jobs at a

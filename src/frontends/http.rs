@@ -16,6 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use base64::Engine as _;
+use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
@@ -250,24 +251,31 @@ async fn respond(
         (None, false) => delivery.encoding.content_type(),
     };
     let chars = body.len();
-    let stream = futures_util::stream::unfold(
-        Some(Outgoing {
-            job,
-            encoder,
-            sse: delivery.sse,
-            chars,
-            captions,
-            format: delivery.encoding.name(),
-        }),
-        |state| async move {
-            let mut s = state?;
-            match s.next_piece().await {
-                Some(Ok(bytes)) => Some((Ok(bytes), Some(s))),
-                Some(Err(e)) => Some((Err(e), None)),
-                None => None,
-            }
-        },
-    );
+    let mut out = Outgoing {
+        job,
+        encoder,
+        sse: delivery.sse,
+        chars,
+        captions,
+        format: delivery.encoding.name(),
+    };
+    // The status waits for the first audio: a job that ends before it (stopped by another
+    // client, refused for memory, failed) is an error response the client can read, not a
+    // connection cut before any header.
+    let first = match out.next_piece().await {
+        Some(Ok(bytes)) => Some(bytes),
+        Some(Err((status, why))) => return error(status, why),
+        None => None,
+    };
+    let rest = futures_util::stream::unfold(Some(out), |state| async move {
+        let mut s = state?;
+        match s.next_piece().await {
+            Some(Ok(bytes)) => Some((Ok(bytes), Some(s))),
+            Some(Err((_, why))) => Some((Err(std::io::Error::other(why)), None)),
+            None => None,
+        }
+    });
+    let stream = futures_util::stream::iter(first.map(Ok)).chain(rest);
     Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, content_type)
@@ -372,7 +380,8 @@ impl Captions {
 impl Outgoing {
     /// The next bytes to send; `None` at the end; an error cuts the response short (no final
     /// chunk), which clients see as a failed transfer.
-    async fn next_piece(&mut self) -> Option<Result<Bytes, std::io::Error>> {
+    /// The next bytes of the body; an error carries the status it would have before any.
+    async fn next_piece(&mut self) -> Option<Result<Bytes, (StatusCode, String)>> {
         loop {
             let ev = self.job.next().await?;
             if let Some(c) = self.captions.as_mut() {
@@ -381,15 +390,19 @@ impl Outgoing {
             let (bytes, last) = match ev {
                 Event::Audio { samples, .. } => (self.encoder.push(&samples), false),
                 Event::Finished { .. } => (self.encoder.finish(), true),
-                Event::Failed { reason } | Event::Cancelled { reason } => {
-                    tracing::warn!(job = self.job.id, %reason, "http speech ended early");
-                    return Some(Err(std::io::Error::other(reason)));
+                Event::Failed { reason } => {
+                    tracing::warn!(job = self.job.id, %reason, "http speech failed");
+                    return Some(Err((StatusCode::INTERNAL_SERVER_ERROR, reason)));
+                }
+                Event::Cancelled { reason } => {
+                    tracing::info!(job = self.job.id, %reason, "http speech cancelled");
+                    return Some(Err((StatusCode::SERVICE_UNAVAILABLE, reason)));
                 }
                 _ => continue,
             };
             let bytes = match bytes {
                 Ok(b) => b,
-                Err(e) => return Some(Err(std::io::Error::other(e.to_string()))),
+                Err(e) => return Some(Err((StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))),
             };
             if let Some(c) = self.captions.as_mut() {
                 let piece = c.piece(bytes, last, self.format);

@@ -12,6 +12,7 @@ use super::nn::{attention, causal_mask, Quant, RmsNorm, TransformerLayer};
 const KV_GROW: usize = 256;
 
 /// Per-utterance state: one KV cache per layer. Dropping it frees the memory.
+#[derive(Clone)]
 pub struct BackboneCache {
     layers: Vec<KvCache>,
     len: usize,
@@ -125,29 +126,79 @@ impl Backbone {
     /// Runs `embeds` `[s, dim]` at the next positions of `cache`; returns normed `[s, dim]`.
     /// Fails without touching the cache if the context limit would be passed.
     pub fn forward(&self, cache: &mut BackboneCache, embeds: &Tensor) -> crate::Result<Tensor> {
-        let (s, _) = embeds.dims2()?;
-        let pos = cache.len;
-        if pos + s > self.max_positions {
-            return Err(crate::Error::ContextOverflow {
-                needed: pos + s,
-                limit: self.max_positions,
-            });
+        let mut out = self.prefill_batch(&mut [cache], std::slice::from_ref(embeds))?;
+        Ok(out.remove(0))
+    }
+
+    /// Several prompts in one pass: `embeds[i]` `[s_i, dim]` goes at the next positions of
+    /// `caches[i]`. The rows of all of them go through each projection and feed-forward
+    /// together (one read of the weights for the lot); attention runs per sequence on its own
+    /// cache with its own causal mask. Fails without touching any cache if one would pass the
+    /// context limit. Returns each sequence's normed `[s_i, dim]`.
+    pub fn prefill_batch(
+        &self,
+        caches: &mut [&mut BackboneCache],
+        embeds: &[Tensor],
+    ) -> crate::Result<Vec<Tensor>> {
+        if embeds.len() != caches.len() {
+            return Err(crate::Error::InvalidInput(format!(
+                "{} prompts for {} sequences",
+                embeds.len(),
+                caches.len()
+            )));
         }
-        let cos = self.cos.narrow(0, pos, s)?;
-        let sin = self.sin.narrow(0, pos, s)?;
-        let mask = if s > 1 {
-            Some(causal_mask(s, pos, embeds.device())?)
-        } else {
-            None
-        };
-        let mut x = embeds.to_dtype(self.cos.dtype())?.unsqueeze(0)?;
-        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+        let lens = embeds
+            .iter()
+            .map(|e| e.dims2().map(|(s, _)| s))
+            .collect::<Result<Vec<_>>>()?;
+        for (c, &s) in caches.iter().zip(&lens) {
+            if c.len + s > self.max_positions {
+                return Err(crate::Error::ContextOverflow {
+                    needed: c.len + s,
+                    limit: self.max_positions,
+                });
+            }
+        }
+        let mut parts = Vec::with_capacity(caches.len());
+        let mut start = 0;
+        for (c, &s) in caches.iter().zip(&lens) {
+            let mask = if s > 1 {
+                Some(causal_mask(s, c.len, embeds[0].device())?)
+            } else {
+                None
+            };
+            let rope = (self.cos.narrow(0, c.len, s)?, self.sin.narrow(0, c.len, s)?);
+            parts.push((start, s, rope, mask));
+            start += s;
+        }
+        let mut x = Tensor::cat(embeds, 0)?
+            .to_dtype(self.cos.dtype())?
+            .unsqueeze(0)?; // [1, S, dim]
+        for (l, layer) in self.layers.iter().enumerate() {
             x = layer.forward(&x, |q, k, v| {
-                attend_cached(kv, &q, &k, &v, (&cos, &sin), mask.as_ref())
+                let mut outs = Vec::with_capacity(parts.len());
+                for (cache, (at, s, (cos, sin), mask)) in caches.iter_mut().zip(&parts) {
+                    let part = |t: &Tensor| t.narrow(2, *at, *s)?.contiguous();
+                    outs.push(attend_cached(
+                        &mut cache.layers[l],
+                        &part(&q)?,
+                        &part(&k)?,
+                        &part(&v)?,
+                        (cos, sin),
+                        mask.as_ref(),
+                    )?);
+                }
+                Tensor::cat(&outs, 1)
             })?;
         }
-        cache.len += s;
-        Ok(self.norm.forward(&x)?.squeeze(0)?)
+        for (c, &s) in caches.iter_mut().zip(&lens) {
+            c.len += s;
+        }
+        let x = self.norm.forward(&x)?.squeeze(0)?;
+        Ok(parts
+            .iter()
+            .map(|(at, s, _, _)| x.narrow(0, *at, *s))
+            .collect::<Result<Vec<_>>>()?)
     }
 
     /// One step for several sequences at once: row `b` of `embeds` `[B, dim]` goes at the next

@@ -6,16 +6,13 @@ use candle_core::{DType, Device};
 
 use super::checkpoint::{manifest, Expect};
 use super::config::ModelConfig;
-use super::nn::Quant;
+use super::nn::{block_format, Quant};
 use crate::error::{Error, Result};
 
 /// Room for what is not a weight or the KV cache: prefill activations, the codec's chunk,
 /// cuBLAS workspaces and allocator slack on a GPU.
 const WORKING_CPU: u64 = 512 << 20;
 const WORKING_GPU: u64 = 1 << 30;
-
-/// Bytes per int8 weight: ggml's Q8_0, one byte plus a 2-byte scale per block of 32.
-const Q8_BYTES_PER_WEIGHT: f64 = 1.0 + 2.0 / 32.0;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryPlan {
@@ -40,17 +37,19 @@ pub fn gib(bytes: u64) -> String {
     }
 }
 
-/// How the loaders store a tensor: int8 for the backbone's and flow head's projections under
-/// `--quant q8`, f32 for norms and the semantic head, the compute dtype otherwise. Weight-norm
-/// pairs fold into one conv weight; the codebook's usage counts fold into its embeddings.
-fn stored_bytes(name: &str, elems: u64, dtype: DType, quant: Quant) -> u64 {
+/// How the loaders store a tensor of `elems` values in rows of `row` (the last dimension):
+/// ggml blocks for the backbone's and flow head's projections under `--quant` (the format
+/// `nn::block_format` picks), f32 for norms and the semantic head, the compute dtype
+/// otherwise. Weight-norm pairs fold into one conv weight; the codebook's usage counts fold
+/// into its embeddings.
+fn stored_bytes(name: &str, elems: u64, row: usize, dtype: DType, quant: Quant) -> u64 {
     let is_projection = !name.starts_with("audio_tokenizer.")
         && (name.contains(".attention.w") || name.contains(".feed_forward.w"))
         || name == "acoustic_transformer.llm_projection.weight";
     if name.ends_with(".original0") || name.ends_with(".cluster_usage") {
         0
-    } else if quant == Quant::Q8 && is_projection {
-        (elems as f64 * Q8_BYTES_PER_WEIGHT).ceil() as u64
+    } else if let Some(format) = block_format(quant, row).filter(|_| is_projection) {
+        elems / format.block_size() as u64 * format.type_size() as u64
     } else if name.ends_with("norm.weight")
         || name.ends_with("semantic_codebook_output.weight")
         || name.ends_with(".embedding_sum")
@@ -72,11 +71,11 @@ pub fn plan(
     let weights = manifest(cfg)?
         .iter()
         .map(|(name, expect)| {
-            let elems: usize = match expect {
-                Expect::Exact(shape) => shape.iter().product(),
-                Expect::RowsAtLeast { min_rows, cols } => min_rows * cols,
+            let (elems, row): (usize, usize) = match expect {
+                Expect::Exact(shape) => (shape.iter().product(), shape.last().copied().unwrap_or(1)),
+                Expect::RowsAtLeast { min_rows, cols } => (min_rows * cols, *cols),
             };
-            stored_bytes(name, elems as u64, dtype, quant)
+            stored_bytes(name, elems as u64, row, dtype, quant)
         })
         .sum();
     let kv_cache = (max_positions * cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim) as u64
@@ -146,6 +145,43 @@ pub fn check(plan: &MemoryPlan, device: &Device, limit: Option<u64>) -> Result<(
     })
 }
 
+/// Refuses one more stream when its KV cache would not fit: under `limit`, the weights, the
+/// working room and a full cache for each of the `live` streams and the new one; on the device,
+/// a full cache in what is free now (the live caches already hold theirs).
+pub fn check_stream(
+    plan: &MemoryPlan,
+    live: usize,
+    device: &Device,
+    limit: Option<u64>,
+) -> Result<()> {
+    let refuse = |have: String| Error::StreamMemory {
+        device: format!("{device:?}"),
+        streams: live,
+        cache: gib(plan.kv_cache),
+        have,
+    };
+    if let Some(l) = limit {
+        let need = plan.weights + plan.working + (live as u64 + 1) * plan.kv_cache;
+        if need > l {
+            return Err(refuse(format!(
+                "{} would be needed and the --max-memory limit is {}",
+                gib(need),
+                gib(l)
+            )));
+        }
+    }
+    match available(device) {
+        Some(free) if free < plan.kv_cache => Err(refuse(format!("{} is free", gib(free)))),
+        _ => Ok(()),
+    }
+}
+
+/// How many streams' KV caches fit beside the model under `limit`; `None` without a limit.
+pub fn streams_that_fit(plan: &MemoryPlan, limit: Option<u64>) -> Option<usize> {
+    let room = limit?.checked_sub(plan.weights + plan.working)?;
+    Some((room / plan.kv_cache.max(1)) as usize)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,12 +200,20 @@ mod tests {
         let bf16 = plan(&cfg, DType::BF16, Quant::None, positions, &cuda).unwrap();
         let q8 = plan(&cfg, DType::BF16, Quant::Q8, positions, &cuda).unwrap();
         let f32 = plan(&cfg, DType::F32, Quant::None, positions, &cuda).unwrap();
+        let q4 = plan(&cfg, DType::BF16, Quant::Q4, positions, &cuda).unwrap();
         let g = |b: u64| b as f64 / (1u64 << 30) as f64;
         eprintln!("full preset, 2048 positions: bf16 {bf16:?}, q8 {q8:?}, f32 {f32:?}");
         // ~4.0 B parameters: about 7.5 GiB in bf16, twice that in f32.
         assert!((7.0..8.5).contains(&g(bf16.weights)), "{}", g(bf16.weights));
         assert!((1.9..2.1).contains(&(g(f32.weights) / g(bf16.weights))));
         assert!(g(q8.weights) < 5.0, "{}", g(q8.weights));
+        assert!(
+            g(q4.weights) < g(q8.weights) * 0.7,
+            "{} {}",
+            g(q4.weights),
+            g(q8.weights)
+        );
+        eprintln!("full preset q4 weights {:.2} GiB", g(q4.weights));
         assert!(g(bf16.kv_cache) < 0.5);
         assert!(g(bf16.total()) < 10.0);
     }
@@ -189,5 +233,30 @@ mod tests {
         if available(&Device::Cpu).is_some_and(|free| free > p.total()) {
             assert!(check(&p, &Device::Cpu, Some(8 << 30)).is_ok());
         }
+    }
+
+    #[test]
+    fn each_live_stream_counts_one_full_cache() {
+        let p = MemoryPlan {
+            weights: 1 << 30,
+            kv_cache: 1 << 26,
+            working: 1 << 29,
+        };
+        let limit = Some(p.weights + p.working + 3 * p.kv_cache);
+        assert_eq!(streams_that_fit(&p, limit), Some(3));
+        assert_eq!(streams_that_fit(&p, None), None);
+        for live in 0..3 {
+            assert!(
+                check_stream(&p, live, &Device::Cpu, limit).is_ok(),
+                "{live}"
+            );
+        }
+        let err = check_stream(&p, 3, &Device::Cpu, limit)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("another stream"), "{err}");
+        assert!(err.contains("3 running"), "{err}");
+        assert!(err.contains("64.00 MiB"), "{err}");
+        assert!(err.contains("max_streams"), "{err}");
     }
 }

@@ -93,6 +93,10 @@ pub struct Voxtral {
     user_voices: std::sync::RwLock<BTreeMap<String, Arc<Tensor>>>,
     device: Device,
     dtype: DType,
+    /// What the load was planned at, and the user's cap: each new stream's cache is checked
+    /// against them.
+    memory: memory::MemoryPlan,
+    max_memory: Option<u64>,
     pub load_timings: LoadTimings,
 }
 
@@ -176,6 +180,8 @@ impl Voxtral {
             user_voices: Default::default(),
             device: opts.device.clone(),
             dtype: opts.dtype,
+            memory: need,
+            max_memory: opts.max_memory,
             load_timings: LoadTimings {
                 total_s: start.elapsed().as_secs_f64(),
             },
@@ -212,6 +218,16 @@ impl Voxtral {
     pub fn codec(&self) -> &CodecDecoder {
         &self.codec
     }
+    /// Refuses one more stream beside `live` ones when its KV cache would not fit.
+    pub fn room_for_stream(&self, live: usize) -> Result<()> {
+        memory::check_stream(&self.memory, live, &self.device, self.max_memory)
+    }
+
+    /// How many streams fit under `--max-memory` (`None` without one).
+    pub fn streams_that_fit(&self) -> Option<usize> {
+        memory::streams_that_fit(&self.memory, self.max_memory)
+    }
+
     pub fn device(&self) -> &Device {
         &self.device
     }
@@ -387,26 +403,58 @@ impl Voxtral {
         noise: Box<dyn NoiseSource + 'm>,
         opts: &GenerateOptions,
     ) -> Result<Generation<'m>> {
+        let prefill = self.prefill(&[prompt])?.remove(0);
+        Ok(self.generation(prefill, noise, opts))
+    }
+
+    /// The prefills of several prompts in one pass over the weights (see
+    /// `Backbone::prefill_batch`), each into its own cache.
+    pub fn prefill(&self, prompts: &[&Prompt]) -> Result<Vec<Prefill>> {
         let t = Instant::now();
-        let mut cache = self.backbone.new_cache();
-        let hidden = self.backbone.forward(&mut cache, &prompt.embeddings)?;
-        let p = hidden.dim(0)?;
-        let h = hidden.get(p - 1)?;
-        Ok(Generation {
+        let mut caches: Vec<BackboneCache> =
+            prompts.iter().map(|_| self.backbone.new_cache()).collect();
+        let embeds: Vec<Tensor> = prompts.iter().map(|p| p.embeddings.clone()).collect();
+        let hidden = {
+            let mut refs: Vec<&mut BackboneCache> = caches.iter_mut().collect();
+            self.backbone.prefill_batch(&mut refs, &embeds)?
+        };
+        let took = t.elapsed();
+        caches
+            .into_iter()
+            .zip(hidden)
+            .map(|(cache, hidden)| {
+                let p = hidden.dim(0)?;
+                Ok(Prefill {
+                    cache,
+                    h: hidden.get(p - 1)?,
+                    took,
+                })
+            })
+            .collect()
+    }
+
+    /// The frame stepper that goes on from a prefill.
+    pub fn generation<'m>(
+        &'m self,
+        prefill: Prefill,
+        noise: Box<dyn NoiseSource + 'm>,
+        opts: &GenerateOptions,
+    ) -> Generation<'m> {
+        Generation {
             timings: StepTimings {
-                prefill: t.elapsed(),
+                prefill: prefill.took,
                 ..Default::default()
             },
             model: self,
-            cache,
-            h: Some(h),
+            cache: prefill.cache,
+            h: Some(prefill.h),
             pending: None,
             frames: 0,
             max_frames: opts.max_frames,
             cfg_alpha: opts.cfg_alpha,
             noise,
             finished: None,
-        })
+        }
     }
 
     /// Decodes model-side frames (with the +2 offset) in one pass.
@@ -470,7 +518,49 @@ pub struct Generation<'m> {
     finished: Option<StopReason>,
 }
 
+/// A prompt run through the backbone: its cache and last hidden state.
+pub struct Prefill {
+    cache: BackboneCache,
+    h: Tensor,
+    /// The whole pass it was part of.
+    took: std::time::Duration,
+}
+
+/// A generation as it was before a step: a shared step that fails goes back to it, so that
+/// each job can be retried alone. Cheap: the KV cache's tensors are shared, not copied (a
+/// step only writes past the marked length).
+pub struct StepMark {
+    cache: BackboneCache,
+    h: Option<Tensor>,
+    pending: Option<Vec<u32>>,
+    frames: usize,
+    finished: Option<StopReason>,
+    timings: StepTimings,
+}
+
 impl Generation<'_> {
+    pub fn mark(&self) -> StepMark {
+        StepMark {
+            cache: self.cache.clone(),
+            h: self.h.clone(),
+            pending: self.pending.clone(),
+            frames: self.frames,
+            finished: self.finished,
+            timings: self.timings,
+        }
+    }
+
+    /// Back to `mark`. The noise source is not rewound: seeded noise depends only on the
+    /// frame index, so the retried frame draws the same values.
+    pub fn restore(&mut self, mark: StepMark) {
+        self.cache = mark.cache;
+        self.h = mark.h;
+        self.pending = mark.pending;
+        self.frames = mark.frames;
+        self.finished = mark.finished;
+        self.timings = mark.timings;
+    }
+
     pub fn frames(&self) -> usize {
         self.frames
     }

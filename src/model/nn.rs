@@ -15,6 +15,11 @@ pub enum Quant {
     /// Int8 weight-only (ggml Q8_0, blocks of 32) with f32 activations: about a quarter of
     /// the f32 memory traffic on CPU.
     Q8,
+    /// 4-bit weight-only: ggml Q4_K (super-blocks of 256 with 6-bit block scales and minimums,
+    /// 4.5 bits a weight) where a row is a multiple of 256, as in every projection of the real
+    /// model, else Q4_1 (blocks of 32 with a scale and a minimum, 5 bits). About half of q8's
+    /// memory traffic, at some cost in fidelity (see README).
+    Q4,
     /// Dense with one kernel for every row count (the codec: chunked decodes stay
     /// bit-identical to full ones).
     #[value(skip)]
@@ -33,21 +38,35 @@ pub enum Proj {
     Dense(Linear),
     /// Dense, taking the weight-major path for few rows.
     DenseFewRows(Linear),
-    Q8(QMatMul),
+    /// Int8 or 4-bit blocks (`--quant q8|q4`).
+    Quantized(QMatMul),
+}
+
+/// The block format a `quant` projection of rows `in_dim` long is stored in, if any.
+pub fn block_format(quant: Quant, in_dim: usize) -> Option<GgmlDType> {
+    let fits = |t: GgmlDType| in_dim.is_multiple_of(t.block_size());
+    match quant {
+        Quant::Q8 => Some(GgmlDType::Q8_0).filter(|t| fits(*t)),
+        Quant::Q4 => [GgmlDType::Q4K, GgmlDType::Q4_1]
+            .into_iter()
+            .find(|t| fits(*t)),
+        Quant::None | Quant::Plain => None,
+    }
 }
 
 impl Proj {
     pub fn load(vb: VarBuilder, in_dim: usize, out_dim: usize, quant: Quant) -> Result<Self> {
-        let blocks = GgmlDType::Q8_0.block_size();
-        if quant == Quant::Q8 && in_dim.is_multiple_of(blocks) {
+        if let Some(format) = block_format(quant, in_dim) {
+            // One tensor at a time in f32, dropped once quantized: the peak stays near the
+            // quantized model's size.
             let w = vb.get_with_hints_dtype(
                 (out_dim, in_dim),
                 "weight",
                 Default::default(),
                 DType::F32,
             )?;
-            let q = QTensor::quantize(&w, GgmlDType::Q8_0)?;
-            return Ok(Proj::Q8(QMatMul::from_qtensor(q)?));
+            let q = QTensor::quantize(&w, format)?;
+            return Ok(Proj::Quantized(QMatMul::from_qtensor(q)?));
         }
         let linear = linear_no_bias(in_dim, out_dim, vb)?;
         Ok(match quant {
@@ -62,7 +81,7 @@ impl Proj {
     pub fn dense_weight(&self) -> Option<&Tensor> {
         match self {
             Proj::Dense(l) | Proj::DenseFewRows(l) => Some(l.weight()),
-            Proj::Q8(_) => None,
+            Proj::Quantized(_) => None,
         }
     }
 }
@@ -85,7 +104,7 @@ impl Module for Proj {
                 shape[last] = y.dim(1)?;
                 y.reshape(shape)
             }
-            Proj::Q8(q) => {
+            Proj::Quantized(q) => {
                 let dtype = x.dtype();
                 q.forward(&x.to_dtype(DType::F32)?)?.to_dtype(dtype)
             }

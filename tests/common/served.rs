@@ -57,6 +57,11 @@ impl Served {
         s
     }
 
+    /// The daemon's process id, for reading `/proc`.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     pub fn socket(&self) -> PathBuf {
         self.dir.path().join("voxtrald/voxtrald.sock")
     }

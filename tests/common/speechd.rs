@@ -87,8 +87,17 @@ impl Module {
     }
 
     pub fn send(&mut self, s: &str) {
-        self.stdin.write_all(s.as_bytes()).unwrap();
+        self.send_bytes(s.as_bytes());
+    }
+
+    pub fn send_bytes(&mut self, b: &[u8]) {
+        self.stdin.write_all(b).unwrap();
         self.stdin.flush().unwrap();
+    }
+
+    /// The next message, or an error once `wait` passes or the module's output ends.
+    pub fn try_next(&self, wait: Duration) -> Result<Msg, std::sync::mpsc::RecvTimeoutError> {
+        self.rx.recv_timeout(wait)
     }
 
     pub fn next(&self) -> Msg {
