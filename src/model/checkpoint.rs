@@ -3,8 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::safetensors::MmapedSafetensors;
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::ModelConfig;
@@ -207,39 +206,54 @@ pub fn manifest(cfg: &ModelConfig) -> Result<Vec<(String, Expect)>> {
     Ok(m)
 }
 
-/// The memory-mapped weights, validated against the manifest.
+/// The memory-mapped weights, validated against the manifest. Each tensor is copied out (to
+/// its dtype, its device, maybe quantized) and its pages of the mapping are released at once,
+/// so a load never holds the file and the model together: the peak stays near the model's
+/// own size plus one tensor.
 pub struct Weights {
     pub path: PathBuf,
-    st: MmapedSafetensors,
+    map: memmap2::Mmap,
+    /// Where tensor data begins: after the 8-byte header length and the header.
+    data_start: usize,
+    tensors: std::collections::HashMap<String, safetensors::tensor::TensorInfo>,
 }
+
+/// Release granularity: 64 KiB covers every page size Linux uses.
+const RELEASE_ALIGN: usize = 64 << 10;
 
 impl Weights {
     /// Maps the file and checks every manifest entry's presence, shape and dtype.
     pub fn open(path: &Path, cfg: &ModelConfig) -> Result<Self> {
-        if !path.exists() {
-            return Err(Error::io(
-                path,
-                std::io::Error::new(std::io::ErrorKind::NotFound, "file not found"),
-            ));
-        }
+        let corrupt = |reason: String| Error::CorruptCheckpoint {
+            path: path.into(),
+            reason,
+        };
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         // SAFETY: the file is mapped read-only; the daemon never writes to model files while
         // they are mapped (downloads go to a temporary name and are renamed into place).
-        let st = unsafe { MmapedSafetensors::new(path) }.map_err(|e| Error::CorruptCheckpoint {
-            path: path.into(),
-            reason: e.to_string(),
-        })?;
-        let present: std::collections::HashMap<String, (safetensors::Dtype, Vec<usize>)> = st
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let (header, meta) =
+            safetensors::SafeTensors::read_metadata(&map).map_err(|e| corrupt(e.to_string()))?;
+        let data_start = 8 + header;
+        let tensors: std::collections::HashMap<String, safetensors::tensor::TensorInfo> = meta
             .tensors()
             .into_iter()
-            .map(|(n, v)| (n, (v.dtype(), v.shape().to_vec())))
+            .map(|(n, info)| (n, info.clone()))
             .collect();
+        for (name, info) in &tensors {
+            let (a, b) = info.data_offsets;
+            if a > b || data_start + b > map.len() {
+                return Err(corrupt(format!("tensor {name} lies outside the file")));
+            }
+        }
         for (name, expect) in manifest(cfg)? {
-            let Some((dtype, shape)) = present.get(&name) else {
+            let Some(info) = tensors.get(&name) else {
                 return Err(Error::MissingTensor {
                     path: path.into(),
                     name,
                 });
             };
+            let (dtype, shape) = (info.dtype, &info.shape);
             if !matches!(
                 dtype,
                 safetensors::Dtype::BF16 | safetensors::Dtype::F16 | safetensors::Dtype::F32
@@ -261,12 +275,75 @@ impl Weights {
         }
         Ok(Weights {
             path: path.into(),
-            st,
+            map,
+            data_start,
+            tensors,
         })
     }
 
     /// A VarBuilder over the mapped file that converts every tensor to `dtype` on `device`.
     pub fn into_var_builder(self, dtype: DType, device: &Device) -> VarBuilder<'static> {
-        VarBuilder::from_backend(Box::new(self.st), dtype, device.clone())
+        VarBuilder::from_backend(Box::new(self), dtype, device.clone())
+    }
+
+    /// One tensor, copied out of the mapping, whose pages are then given back.
+    fn load(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let info = self.tensors.get(name).ok_or_else(|| {
+            candle_core::Error::CannotFindTensor {
+                path: name.to_string(),
+            }
+            .bt()
+        })?;
+        let (a, b) = info.data_offsets;
+        let (start, end) = (self.data_start + a, self.data_start + b);
+        let view = safetensors::tensor::TensorView::new(
+            info.dtype,
+            info.shape.clone(),
+            &self.map[start..end],
+        )
+        .map_err(|e| candle_core::Error::Msg(format!("{name}: {e}")))?;
+        let t = candle_core::safetensors::Load::load(&view, dev)?.to_dtype(dtype)?;
+        // The tensor owns a copy now: its pages of the file can go. Whole aligned pages only.
+        let from = start.next_multiple_of(RELEASE_ALIGN);
+        let to = end - end % RELEASE_ALIGN;
+        if to > from {
+            // SAFETY: a read-only shared mapping of a file: released pages are read from the
+            // file again if touched, and no reference into the range outlives this call.
+            let _ = unsafe {
+                self.map
+                    .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, from, to - from)
+            };
+        }
+        Ok(t)
+    }
+}
+
+impl candle_nn::var_builder::SimpleBackend for Weights {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = self.load(name, dtype, dev)?;
+        if t.shape() != &s {
+            return Err(candle_core::Error::UnexpectedShape {
+                msg: format!("shape mismatch for {name}"),
+                expected: s,
+                got: t.shape().clone(),
+            }
+            .bt());
+        }
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.load(name, dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
     }
 }

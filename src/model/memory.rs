@@ -72,7 +72,9 @@ pub fn plan(
         .iter()
         .map(|(name, expect)| {
             let (elems, row): (usize, usize) = match expect {
-                Expect::Exact(shape) => (shape.iter().product(), shape.last().copied().unwrap_or(1)),
+                Expect::Exact(shape) => {
+                    (shape.iter().product(), shape.last().copied().unwrap_or(1))
+                }
                 Expect::RowsAtLeast { min_rows, cols } => (min_rows * cols, *cols),
             };
             stored_bytes(name, elems as u64, row, dtype, quant)
