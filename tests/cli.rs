@@ -462,6 +462,19 @@ fn bench_reports_single_and_multi_stream_json() {
         assert!(r[k].as_f64().unwrap() > 0.0, "{k}: {r}");
     }
     assert_eq!(r["dtype"], "f32");
+    // The bandwidth floor: the bytes each stage reads per frame, from the checkpoint's shapes.
+    assert!(r["copy_gb_per_s"].as_f64().unwrap() > 0.1, "{r}");
+    let backbone = r["backbone_bytes_per_frame"].as_u64().unwrap();
+    let flow = r["flow_bytes_per_frame"].as_u64().unwrap();
+    assert!(backbone > 0 && flow > 0, "{r}");
+    let q8 = ok(&voxtrald(
+        &[&base[..], &["--runs", "1", "--json", "--quant", "q8"]].concat(),
+    ));
+    let q8: serde_json::Value = serde_json::from_str(q8.trim()).unwrap();
+    // Int8 blocks read about a quarter of the f32 bytes (the tiny fixture's rows are 32-aligned).
+    let ratio = q8["backbone_bytes_per_frame"].as_u64().unwrap() as f64 / backbone as f64;
+    assert!((0.25..0.3).contains(&ratio), "q8 reads {ratio} of f32");
+    assert!(r["flow_over_floor"].as_f64().unwrap() > 0.0);
     let args = [&base[..], &["--runs", "1", "--streams", "1,3", "--json"]].concat();
     let r: serde_json::Value = serde_json::from_str(ok(&voxtrald(&args)).trim()).unwrap();
     let results = r["results"].as_array().unwrap();

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use anyhow::Context as _;
 use clap::Args;
 use serde::Serialize;
 
@@ -200,6 +201,32 @@ struct Report {
     codec_ms_per_frame: f64,
     rtf: f64,
     peak_rss_bytes: u64,
+    /// Memory bandwidth measured here (a single-threaded copy; bytes read and written).
+    copy_gb_per_s: f64,
+    /// Weights read per frame by the backbone step and the flow head's Euler steps.
+    backbone_bytes_per_frame: u64,
+    flow_bytes_per_frame: u64,
+    /// Those bytes at the measured bandwidth: the floor of each stage, and the stage's time
+    /// over it.
+    backbone_floor_ms: f64,
+    flow_floor_ms: f64,
+    backbone_over_floor: f64,
+    flow_over_floor: f64,
+}
+
+/// Memory bandwidth in GB/s: the best of five copies of 256 MiB, bytes read plus written.
+fn copy_bandwidth() -> f64 {
+    let n = 256 << 20;
+    let src = vec![1u8; n];
+    let mut dst = vec![0u8; n];
+    let mut best = f64::INFINITY;
+    for _ in 0..5 {
+        let t = Instant::now();
+        dst.copy_from_slice(std::hint::black_box(&src));
+        best = best.min(t.elapsed().as_secs_f64());
+        std::hint::black_box(&dst);
+    }
+    2.0 * n as f64 / best / 1e9
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -274,12 +301,18 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     }
     let mut runs = Vec::new();
     let (mut device, mut dtype) = (String::new(), String::new());
+    let mut reads = None;
     for i in 0..a.runs.max(1) {
         let t = Instant::now();
         let model = a.model.load()?;
         let load_s = t.elapsed().as_secs_f64();
         device = format!("{:?}", model.device());
         dtype = format!("{:?}", model.dtype()).to_lowercase();
+        reads = Some(crate::model::memory::frame_reads(
+            model.config(),
+            model.dtype(),
+            a.model.quant,
+        )?);
         let r = one_run(&a, &model, load_s)?;
         if !a.json {
             eprintln!(
@@ -290,6 +323,10 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         runs.push(r);
     }
     let m = |f: fn(&Run) -> f64| median(runs.iter().map(f).collect());
+    let reads = reads.context("no run")?;
+    let bw = copy_bandwidth();
+    let floor_ms = |bytes: u64| bytes as f64 / (bw * 1e9) * 1e3;
+    let (backbone_ms, flow_ms) = (m(|r| r.backbone_ms), m(|r| r.flow_ms));
     let report = Report {
         device,
         dtype,
@@ -306,6 +343,13 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         codec_ms_per_frame: m(|r| r.codec_ms),
         rtf: m(|r| r.rtf),
         peak_rss_bytes: crate::service::peak_rss_bytes(),
+        copy_gb_per_s: bw,
+        backbone_bytes_per_frame: reads.backbone,
+        flow_bytes_per_frame: reads.flow,
+        backbone_floor_ms: floor_ms(reads.backbone),
+        flow_floor_ms: floor_ms(reads.flow),
+        backbone_over_floor: backbone_ms / floor_ms(reads.backbone),
+        flow_over_floor: flow_ms / floor_ms(reads.flow),
     };
     if a.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -316,6 +360,14 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             report.load_s, report.prefill_s, report.first_audio_s, report.first_audio_frames,
             report.backbone_ms_per_frame, report.flow_ms_per_frame, report.codec_ms_per_frame,
             report.rtf, report.peak_rss_bytes as f64 / (1u64 << 30) as f64
+        );
+        println!(
+            "  copy bandwidth {:.1} GB/s: backbone floor {:.1} ms ({:.2}x), flow head floor {:.1} ms ({:.2}x)",
+            report.copy_gb_per_s,
+            report.backbone_floor_ms,
+            report.backbone_over_floor,
+            report.flow_floor_ms,
+            report.flow_over_floor
         );
     }
     Ok(())

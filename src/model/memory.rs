@@ -94,6 +94,37 @@ pub fn plan(
     })
 }
 
+/// Bytes of weights one frame reads: the backbone's layers once (one step) and the flow head's
+/// layers once per Euler step; what a frame costs at least when the weights stream from
+/// memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameReads {
+    pub backbone: u64,
+    pub flow: u64,
+}
+
+pub fn frame_reads(cfg: &ModelConfig, dtype: DType, quant: Quant) -> Result<FrameReads> {
+    let mut reads = FrameReads {
+        backbone: 0,
+        flow: 0,
+    };
+    for (name, expect) in manifest(cfg)? {
+        let Expect::Exact(shape) = &expect else {
+            continue;
+        };
+        let elems = shape.iter().product::<usize>() as u64;
+        let row = shape.last().copied().unwrap_or(1);
+        let bytes = stored_bytes(&name, elems, row, dtype, quant);
+        if name.starts_with("layers.") {
+            reads.backbone += bytes;
+        } else if name.starts_with("acoustic_transformer.layers.") {
+            reads.flow += bytes;
+        }
+    }
+    reads.flow *= cfg.flow().n_decoding_steps as u64;
+    Ok(reads)
+}
+
 /// Memory free for a new model on `device`: free GPU memory, or the kernel's `MemAvailable`
 /// on the CPU. `None` when it cannot be told.
 pub fn available(device: &Device) -> Option<u64> {
