@@ -172,14 +172,22 @@ fn prefill<'m>(
     active: &mut [Active<'m>],
     starts: Vec<(usize, SentenceStart<'m>)>,
 ) {
-    let run = |prompts: &[&Prompt]| {
+    // `job`: the one a panic is logged against.
+    let run = |job: JobId, prompts: &[&Prompt]| {
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| model.prefill(prompts)))
-            .unwrap_or_else(|payload| Err(panicked(0, payload)))
+            .unwrap_or_else(|payload| Err(panicked(job, payload)))
     };
     let shared = match starts.len() {
         0 => return,
         1 => None,
-        _ => run(&starts.iter().map(|(_, s)| &s.prompt).collect::<Vec<_>>()).ok(),
+        _ => {
+            let first = active[starts[0].0].job.id;
+            run(
+                first,
+                &starts.iter().map(|(_, s)| &s.prompt).collect::<Vec<_>>(),
+            )
+            .ok()
+        }
     };
     match shared {
         Some(prefills) => {
@@ -189,7 +197,7 @@ fn prefill<'m>(
         }
         None => {
             for (i, start) in starts {
-                match run(&[&start.prompt]) {
+                match run(active[i].job.id, &[&start.prompt]) {
                     Ok(mut p) => {
                         let p = p.remove(0);
                         active[i].guarded(|a| a.begin_sentence(model, cfg, start, p));
