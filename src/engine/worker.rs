@@ -216,6 +216,13 @@ fn step<'m>(shared: &'m Shared, active: &mut [Active<'m>]) -> bool {
         return false;
     }
     shared.widest_step.fetch_max(ready.len(), Ordering::Relaxed);
+    if ready.len() == 1 {
+        // Alone: nothing to retry, so no mark to take on the single-stream hot path.
+        if let Err(e) = shared_step(&shared.model, active, &ready) {
+            active[ready[0]].fail(e);
+        }
+        return true;
+    }
     let marks: Vec<Option<StepMark>> = ready
         .iter()
         .map(|&i| active[i].generation().map(|g| g.mark()))
@@ -224,10 +231,6 @@ fn step<'m>(shared: &'m Shared, active: &mut [Active<'m>]) -> bool {
         Ok(()) => return true,
         Err(e) => e,
     };
-    if ready.len() == 1 {
-        active[ready[0]].fail(failure);
-        return true;
-    }
     // The shared step failed and may have half changed every state in it: each goes back to
     // where it was and steps alone, so only the job that fails alone fails.
     tracing::warn!(jobs = ready.len(), error = %failure, "shared step failed; retrying each job alone");
