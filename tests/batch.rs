@@ -112,3 +112,21 @@ fn prompts_prefilled_together_give_the_frames_of_each_alone() {
         assert!(together.next_frame().unwrap().is_none());
     }
 }
+
+/// The warm-up a server runs on a GPU before its first client speaks a sentence and leaves
+/// nothing behind: the frames after it are those of a model that never ran.
+#[test]
+fn a_warm_up_leaves_the_model_as_it_was() {
+    let m = model();
+    let codes = |m: &Voxtral| -> Vec<Vec<u32>> {
+        let mut g = start(m, "casual_male", "Hello world.", 5, 6);
+        std::iter::from_fn(|| g.next_frame().unwrap())
+            .map(|f| f.codes)
+            .collect()
+    };
+    let before = codes(m);
+    assert!(!before.is_empty());
+    let took = m.warm_up().expect("warm-up");
+    assert!(took.as_nanos() > 0);
+    assert_eq!(codes(m), before);
+}

@@ -48,6 +48,9 @@ fn status_voices_and_bad_requests_keep_the_connection() {
         b"{\"op\": \"speak\", \"text\": \"   \"}\n".to_vec(),
         b"{\"op\": \"speak\", \"text\": \"hi\", \"rate\": 0.1}\n".to_vec(),
         b"{\"op\": \"speak\", \"text\": \"hi\", \"pitch\": 3.0}\n".to_vec(),
+        b"{\"op\": \"speak\", \"text\": \"hi\", \"cfg_alpha\": 11}\n".to_vec(),
+        b"{\"op\": \"speak\", \"text\": \"hi\", \"max_frames\": 0}\n".to_vec(),
+        b"{\"op\": \"speak\", \"text\": \"hi\", \"max_frames\": -3}\n".to_vec(),
         [
             b"{\"op\":\"speak\",\"text\":\"".to_vec(),
             vec![b'a'; 1 << 20],
@@ -96,6 +99,36 @@ fn stream_output_carries_events_and_all_audio() {
     assert_eq!(sentences, 2);
     assert_eq!(offset, 2 * 6 * 1920);
     assert_eq!(msgs.last().unwrap()["frames"], 12);
+}
+
+/// A request may end its sentences sooner than the configured limit, never later; its
+/// guidance strength changes the audio.
+#[test]
+fn a_request_sets_its_frame_limit_and_guidance() {
+    let d = Served::start(CONFIG, &[]);
+    let mut c = d.connect();
+    let mut frames = |extra: serde_json::Value| {
+        let mut req = json!({"op": "speak", "text": "One here.", "output": "stream"});
+        req.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        c.send(req);
+        assert_eq!(c.recv().unwrap()["event"], "accepted");
+        let msgs = c.until_done();
+        let pcm: Vec<u8> = msgs
+            .iter()
+            .filter(|m| m["event"] == "audio")
+            .flat_map(|m| base64_decode(m["pcm"].as_str().unwrap()))
+            .collect();
+        (msgs.last().unwrap()["frames"].as_u64().unwrap(), pcm)
+    };
+    assert_eq!(frames(json!({"max_frames": 2})).0, 2);
+    assert_eq!(frames(json!({"max_frames": 100})).0, 6);
+    let (_, plain) = frames(json!({}));
+    let (_, same) = frames(json!({"cfg_alpha": 1.2}));
+    let (_, other) = frames(json!({"cfg_alpha": 3.0}));
+    assert_eq!(plain, same);
+    assert_ne!(plain, other);
 }
 
 fn base64_decode(s: &str) -> Vec<u8> {

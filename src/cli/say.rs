@@ -130,6 +130,8 @@ fn run_via_daemon(mut c: Client, a: &SayArgs, text: String) -> anyhow::Result<()
         seed: Some(a.seed),
         rate: a.rate,
         pitch: a.pitch,
+        max_frames: Some(a.max_frames),
+        cfg_alpha: Some(a.cfg_alpha),
         ..Speak::default()
     });
     c.send(&req)?;

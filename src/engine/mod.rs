@@ -29,6 +29,7 @@ pub use request::{Destination, Event, Interface, JobId, Priority, SpeechRequest}
 use crate::audio::prosody::{MAX_PITCH, MAX_RATE, MIN_PITCH, MIN_RATE};
 use crate::model::stream::ChunkSchedule;
 use crate::model::Voxtral;
+use crate::model::MAX_CFG_ALPHA;
 use crate::text::lexicon::Lexicon;
 use crate::text::sentences::{cut_at, split_sentences};
 use crate::{Error, Result};
@@ -99,6 +100,7 @@ impl Engine {
             widest_step: AtomicUsize::new(0),
             widest_prefill: AtomicUsize::new(0),
             wake: Condvar::new(),
+            ready: Default::default(),
             model,
             cfg,
         });
@@ -113,12 +115,18 @@ impl Engine {
         }
     }
 
+    /// Blocks until the worker takes jobs: at once on the CPU, after the warm-up utterance on
+    /// a GPU (jobs submitted before then wait in the queue).
+    pub fn wait_ready(&self) {
+        self.shared.ready.wait();
+    }
+
     pub fn model(&self) -> &Arc<Voxtral> {
         &self.shared.model
     }
 
-    /// Queues a request. Bad input (empty or huge text, unknown voice, rate or pitch out of
-    /// range) fails here, at once.
+    /// Queues a request. Bad input (empty or huge text, unknown voice, rate, pitch, volume or
+    /// guidance out of range, no frames allowed) fails here, at once.
     pub fn submit(&self, req: SpeechRequest) -> Result<Job> {
         let cfg = &self.shared.cfg;
         if req.text.len() > cfg.max_text_bytes {
@@ -142,6 +150,15 @@ impl Engine {
                 "pitch {} is outside {MIN_PITCH} to {MAX_PITCH}",
                 req.pitch
             )));
+        }
+        if !(0.0..=MAX_CFG_ALPHA).contains(&req.cfg_alpha) {
+            return Err(Error::InvalidInput(format!(
+                "guidance strength {} is outside 0 to {MAX_CFG_ALPHA}",
+                req.cfg_alpha
+            )));
+        }
+        if req.max_frames == 0 {
+            return Err(Error::InvalidInput("max_frames must be at least 1".into()));
         }
         if !(0.0..=1.0).contains(&req.volume) {
             return Err(Error::InvalidInput(format!(

@@ -106,8 +106,30 @@ pub(super) struct Shared {
     /// The most prompts prefilled in one pass so far.
     pub widest_prefill: AtomicUsize,
     pub wake: Condvar,
+    pub ready: Ready,
     pub model: Arc<Voxtral>,
     pub cfg: EngineConfig,
+}
+
+/// Set once the worker takes jobs: on a GPU, after its warm-up.
+#[derive(Default)]
+pub(super) struct Ready {
+    done: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl Ready {
+    fn set(&self) {
+        *lock(&self.done) = true;
+        self.cv.notify_all();
+    }
+
+    pub fn wait(&self) {
+        let mut done = lock(&self.done);
+        while !*done {
+            done = self.cv.wait(done).unwrap_or_else(|e| e.into_inner());
+        }
+    }
 }
 
 pub(super) fn panicked(job: JobId, payload: Box<dyn std::any::Any + Send>) -> Error {
@@ -122,6 +144,21 @@ const PREFILLS_WHILE_SPEAKING: usize = 4;
 /// The worker's loop.
 pub(super) fn run(shared: Arc<Shared>) {
     let model: &Voxtral = &shared.model;
+    // A GPU's first utterance pays for setting itself up: pay it before the first client.
+    // Jobs submitted meanwhile wait in the queue.
+    if !model.device().is_cpu() {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| model.warm_up())) {
+            Ok(Ok(took)) => tracing::info!(secs = took.as_secs_f64(), "warmed up"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "warm-up failed; the first request will be slower")
+            }
+            Err(p) => tracing::warn!(
+                what = crate::error::panic_message(p.as_ref()),
+                "warm-up panicked; the first request will be slower"
+            ),
+        }
+    }
+    shared.ready.set();
     let stall = shared.cfg.stall_timeout;
     let mut active: Vec<Active<'_>> = Vec::new();
     while settle(&shared, &mut active) {

@@ -56,6 +56,12 @@ pub struct Speak {
     /// Characters to say by name, e.g. ",.?!" (Speech Dispatcher's punctuation modes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub punctuation: Option<String>,
+    /// Frames (80 ms each) per sentence at most; never more than the configured limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_frames: Option<usize>,
+    /// Classifier-free guidance strength, 0 to 10 (default 1.2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cfg_alpha: Option<f32>,
     /// Echoed back in `accepted`, to match replies to requests.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tag: Option<Value>,

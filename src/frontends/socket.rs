@@ -224,6 +224,8 @@ async fn handle(
             req.pitch = amount(s.pitch, s.relative_pitch);
             req.volume = s.volume;
             req.punctuation = s.punctuation;
+            req.max_frames = s.max_frames;
+            req.cfg_alpha = s.cfg_alpha;
             let job = speech.speak_async(req).await.map_err(|e| e.to_string())?;
             let mut accepted = serde_json::json!({"event": "accepted", "job": job.id, "tag": tag});
             if output != Output::Play {

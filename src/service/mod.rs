@@ -48,6 +48,10 @@ pub struct Request {
     pub punctuation: Option<String>,
     pub priority: Priority,
     pub seed: Option<u64>,
+    /// Frames per sentence at most; the configured limit is the most a request gets.
+    pub max_frames: Option<usize>,
+    /// Classifier-free guidance strength (default 1.2).
+    pub cfg_alpha: Option<f32>,
     pub destination: Destination,
     pub interface: Interface,
 }
@@ -64,6 +68,8 @@ impl Request {
             punctuation: None,
             priority: Priority::Text,
             seed: None,
+            max_frames: None,
+            cfg_alpha: None,
             destination,
             interface,
         }
@@ -292,7 +298,12 @@ impl Speech {
         r.markup = markup;
         r.priority = req.priority;
         r.seed = req.seed.unwrap_or(0);
-        r.max_frames = s.limits.max_frames;
+        r.max_frames = req
+            .max_frames
+            .map_or(s.limits.max_frames, |m| m.min(s.limits.max_frames));
+        if let Some(alpha) = req.cfg_alpha {
+            r.cfg_alpha = alpha;
+        }
         r.rate = req.rate.rate(s.rate);
         r.pitch = req.pitch.pitch(s.pitch);
         r.volume = req.volume.unwrap_or(1.0);
