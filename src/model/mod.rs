@@ -6,6 +6,7 @@ pub mod codec;
 pub mod config;
 pub mod device;
 pub mod flow;
+pub mod int8;
 pub mod memory;
 pub mod nn;
 pub mod noise;

@@ -5,6 +5,8 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{linear_no_bias, Linear, VarBuilder};
 
+use super::int8::{Int8Kernel, Q8Weights};
+
 /// Weight storage for the big projections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -38,8 +40,10 @@ pub enum Proj {
     Dense(Linear),
     /// Dense, taking the weight-major path for few rows.
     DenseFewRows(Linear),
-    /// Int8 or 4-bit blocks (`--quant q8|q4`).
+    /// Int8 or 4-bit blocks (`--quant q8|q4`), by candle's kernels.
     Quantized(QMatMul),
+    /// Int8 blocks by [`int8`](super::int8)'s kernel (`--quant q8` on an AVX2 CPU without VNNI).
+    Int8(std::sync::Arc<Q8Weights>),
 }
 
 /// The block format a `quant` projection of rows `in_dim` long is stored in, if any.
@@ -65,6 +69,16 @@ impl Proj {
                 Default::default(),
                 DType::F32,
             )?;
+            if format == GgmlDType::Q8_0
+                && w.device().is_cpu()
+                && Int8Kernel::for_this_cpu() == Int8Kernel::Strips
+            {
+                let values = w.flatten_all()?.to_vec1::<f32>()?;
+                drop(w);
+                return Q8Weights::quantize(&values, out_dim, in_dim)
+                    .map(|w| Proj::Int8(std::sync::Arc::new(w)))
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()));
+            }
             let q = QTensor::quantize(&w, format)?;
             return Ok(Proj::Quantized(QMatMul::from_qtensor(q)?));
         }
@@ -81,7 +95,7 @@ impl Proj {
     pub fn dense_weight(&self) -> Option<&Tensor> {
         match self {
             Proj::Dense(l) | Proj::DenseFewRows(l) => Some(l.weight()),
-            Proj::Quantized(_) => None,
+            Proj::Quantized(_) | Proj::Int8(_) => None,
         }
     }
 }
@@ -107,6 +121,19 @@ impl Module for Proj {
             Proj::Quantized(q) => {
                 let dtype = x.dtype();
                 q.forward(&x.to_dtype(DType::F32)?)?.to_dtype(dtype)
+            }
+            Proj::Int8(w) => {
+                let (out, inp) = w.dims();
+                let dims = x.dims();
+                let rows = x.elem_count() / inp.max(1);
+                let values = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let y = w
+                    .matmul(&values, rows)
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                let mut shape = dims.to_vec();
+                let last = shape.len() - 1;
+                shape[last] = out;
+                Tensor::from_vec(y, shape, x.device())?.to_dtype(x.dtype())
             }
         }
     }
