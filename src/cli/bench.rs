@@ -327,14 +327,13 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         return run_streams(&a);
     }
     let mut runs = Vec::new();
-    let (mut device, mut dtype) = (String::new(), String::new());
+    let mut dtype = String::new();
     let mut reads = None;
     let mut on = None;
     for i in 0..a.runs.max(1) {
         let t = Instant::now();
         let model = a.model.load()?;
         let load_s = t.elapsed().as_secs_f64();
-        device = format!("{:?}", model.device());
         on = Some(model.device().clone());
         dtype = format!("{:?}", model.dtype()).to_lowercase();
         reads = Some(crate::model::memory::frame_reads(
@@ -353,11 +352,12 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     }
     let m = |f: fn(&Run) -> f64| median(runs.iter().map(f).collect());
     let reads = reads.context("no run")?;
-    let bw = copy_bandwidth(on.as_ref().context("no run")?)?;
+    let on = on.context("no run")?;
+    let bw = copy_bandwidth(&on)?;
     let floor_ms = |bytes: u64| bytes as f64 / (bw * 1e9) * 1e3;
     let (backbone_ms, flow_ms) = (m(|r| r.backbone_ms), m(|r| r.flow_ms));
     let report = Report {
-        device,
+        device: format!("{on:?}"),
         dtype,
         quant: format!("{:?}", a.model.quant).to_lowercase(),
         runs: runs.len(),

@@ -7,6 +7,7 @@
 //! 2.7 ms here for a [9216, 3072] matrix on a 2-core Zen 2). The sums are Q8_0's sums: each
 //! block's integer dot product is exact, only the order of the f32 additions differs.
 
+use candle_core::Result;
 use half::f16;
 use rayon::prelude::*;
 
@@ -98,12 +99,12 @@ fn quantize_block(xs: &[f32], q: &mut [i8]) -> f32 {
 impl Q8Weights {
     /// `w` is `[out, inp]`, row-major; `inp` is a multiple of [`BLOCK`]. Strips are packed in
     /// parallel.
-    pub fn quantize(w: &[f32], out: usize, inp: usize) -> crate::Result<Self> {
+    pub fn quantize(w: &[f32], out: usize, inp: usize) -> Result<Self> {
         if !inp.is_multiple_of(BLOCK) || w.len() != out * inp {
-            return Err(crate::Error::InvalidInput(format!(
+            candle_core::bail!(
                 "int8 weights: {} values for [{out}, {inp}] (inputs must be a multiple of {BLOCK})",
                 w.len()
-            )));
+            );
         }
         let blocks = inp / BLOCK;
         let strips = out.div_ceil(STRIP);
@@ -145,19 +146,20 @@ impl Q8Weights {
     }
 
     /// `x` `[rows, inp]` (row-major) times the weights' transpose: `[rows, out]`.
-    pub fn matmul(&self, x: &[f32], rows: usize) -> crate::Result<Vec<f32>> {
+    pub fn matmul(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
         self.matmul_with(x, rows, avx2())
     }
 
     /// `vector`: the AVX2 kernel (the caller has checked the CPU has it), else plain code.
-    fn matmul_with(&self, x: &[f32], rows: usize, vector: bool) -> crate::Result<Vec<f32>> {
+    fn matmul_with(&self, x: &[f32], rows: usize, vector: bool) -> Result<Vec<f32>> {
         if x.len() != rows * self.inp {
-            return Err(crate::Error::InvalidInput(format!(
+            candle_core::bail!(
                 "int8 matmul: {} values for {rows} rows of {}",
                 x.len(),
                 self.inp
-            )));
+            );
         }
+        let vector = vector && avx2();
         let acts = Activations::quantize(x, rows, self.inp);
         let width = rows * STRIP;
         let mut by_strip = vec![0f32; self.strips() * width];
@@ -167,8 +169,8 @@ impl Q8Weights {
             .with_min_len(16)
             .for_each(|(s, dst)| {
                 #[cfg(target_arch = "x86_64")]
-                if vector && avx2() {
-                    // SAFETY: the CPU has AVX2, FMA and F16C (checked just above).
+                if vector {
+                    // SAFETY: the CPU has AVX2, FMA and F16C (checked before the loop).
                     return unsafe { self.strip_avx2(s, &acts, dst) };
                 }
                 let _ = vector;

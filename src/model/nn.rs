@@ -75,9 +75,8 @@ impl Proj {
             {
                 let values = w.flatten_all()?.to_vec1::<f32>()?;
                 drop(w);
-                return Q8Weights::quantize(&values, out_dim, in_dim)
-                    .map(|w| Proj::Int8(std::sync::Arc::new(w)))
-                    .map_err(|e| candle_core::Error::Msg(e.to_string()));
+                let packed = Q8Weights::quantize(&values, out_dim, in_dim)?;
+                return Ok(Proj::Int8(std::sync::Arc::new(packed)));
             }
             let q = QTensor::quantize(&w, format)?;
             return Ok(Proj::Quantized(QMatMul::from_qtensor(q)?));
@@ -127,9 +126,7 @@ impl Module for Proj {
                 let dims = x.dims();
                 let rows = x.elem_count() / inp.max(1);
                 let values = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                let y = w
-                    .matmul(&values, rows)
-                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                let y = w.matmul(&values, rows)?;
                 let mut shape = dims.to_vec();
                 let last = shape.len() - 1;
                 shape[last] = out;
