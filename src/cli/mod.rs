@@ -97,7 +97,7 @@ pub struct ModelArgs {
     #[arg(long, default_value_t = DEFAULT_MAX_POSITIONS)]
     pub max_positions: usize,
     /// Weight storage of the backbone and flow head: none (the compute dtype), q8 (int8) or
-    /// q4 (4-bit).
+    /// q4 (4-bit feed-forward gate and up projections, int8 elsewhere).
     #[arg(long, value_enum, default_value = "none")]
     pub quant: crate::model::nn::Quant,
     /// Refuse to load a model that would need more memory than this (e.g. 6GiB, 512MiB,

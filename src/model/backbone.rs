@@ -40,20 +40,34 @@ pub struct Backbone {
     /// Row offset of each codebook in the shared audio-code table.
     code_offsets: Vec<u32>,
     dim: usize,
+    /// The compute dtype.
+    dtype: DType,
 }
+
+/// The token embedding table's tensor name.
+pub const TOKEN_TABLE: &str = "mm_audio_embeddings.tok_embeddings.weight";
 
 impl Backbone {
     /// `max_positions` bounds prompt plus frames; RoPE tables are built for exactly that many.
+    /// The two embedding tables are kept in `table_dtype` (their rows convert to the compute
+    /// dtype as they are gathered).
     pub fn load(
         vb: VarBuilder,
         cfg: &ModelConfig,
         max_positions: usize,
         quant: Quant,
+        table_dtype: DType,
     ) -> Result<Self> {
         let d = cfg.dim;
         let mm = vb.pp("mm_audio_embeddings");
-        let tok = mm.get((cfg.vocab_size, d), "tok_embeddings.weight")?;
-        let audio_embeddings = mm.get_unchecked("audio_codebook_embeddings.embeddings.weight")?;
+        let tok = mm.get_with_hints_dtype(
+            (cfg.vocab_size, d),
+            "tok_embeddings.weight",
+            Default::default(),
+            table_dtype,
+        )?;
+        let audio_embeddings =
+            mm.get_unchecked_dtype("audio_codebook_embeddings.embeddings.weight", table_dtype)?;
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
             layers.push(TransformerLayer::load(
@@ -81,6 +95,7 @@ impl Backbone {
             audio_embeddings,
             layers,
             norm,
+            dtype: vb.dtype(),
             cos: cos.to_dtype(vb.dtype())?,
             sin: sin.to_dtype(vb.dtype())?,
             max_positions,
@@ -104,7 +119,7 @@ impl Backbone {
 
     /// Token embeddings `[n, dim]`.
     pub fn embed_tokens(&self, ids: &Tensor) -> Result<Tensor> {
-        self.tok_embeddings.forward(ids)
+        self.tok_embeddings.forward(ids)?.to_dtype(self.dtype)
     }
 
     /// The next step's input for a generated frame: the sum of its codes' embeddings, each code
@@ -120,7 +135,7 @@ impl Backbone {
             .index_select(&idx, 0)?
             .to_dtype(DType::F32)?
             .sum_keepdim(0)?
-            .to_dtype(self.audio_embeddings.dtype())
+            .to_dtype(self.dtype)
     }
 
     /// Runs `embeds` `[s, dim]` at the next positions of `cache`; returns normed `[s, dim]`.

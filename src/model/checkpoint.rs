@@ -281,6 +281,16 @@ impl Weights {
         })
     }
 
+    /// The dtype `name` is stored in, if the file has it.
+    pub fn stored_dtype(&self, name: &str) -> Option<DType> {
+        match self.tensors.get(name)?.dtype {
+            safetensors::Dtype::BF16 => Some(DType::BF16),
+            safetensors::Dtype::F16 => Some(DType::F16),
+            safetensors::Dtype::F32 => Some(DType::F32),
+            _ => None,
+        }
+    }
+
     /// A VarBuilder over the mapped file that converts every tensor to `dtype` on `device`.
     pub fn into_var_builder(self, dtype: DType, device: &Device) -> VarBuilder<'static> {
         VarBuilder::from_backend(Box::new(self), dtype, device.clone())

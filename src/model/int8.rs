@@ -46,14 +46,14 @@ impl Int8Kernel {
 }
 
 #[cfg(target_arch = "x86_64")]
-fn avx2() -> bool {
+pub(super) fn avx2() -> bool {
     is_x86_feature_detected!("avx2")
         && is_x86_feature_detected!("fma")
         && is_x86_feature_detected!("f16c")
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn avx2() -> bool {
+pub(super) fn avx2() -> bool {
     false
 }
 
@@ -86,14 +86,23 @@ impl std::fmt::Debug for Q8Weights {
 }
 
 /// Q8_0's rounding: scale `max|x| / 127`, values `round(x / scale)` (ties away from zero).
-fn quantize_block(xs: &[f32], q: &mut [i8]) -> f32 {
+pub(super) fn quantize_block(xs: &[f32], q: &mut [i8]) -> f32 {
     let amax = xs.iter().fold(0f32, |m, x| m.max(x.abs()));
     let d = amax / 127.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     for (y, &x) in q.iter_mut().zip(xs) {
-        *y = (x * id).round() as i8;
+        *y = round_away(x * id) as i8;
     }
     d
+}
+
+/// `f32::round` (half away from zero) for `|x| < 2^31`, without the call to `roundf` that
+/// `round` costs on CPUs without SSE4.1 as the build targets: adding the largest f32 below
+/// one half, with `x`'s sign, and truncating gives the same integer for every f32 (it is
+/// how LLVM lowers `round` where it has a truncating instruction).
+#[inline]
+pub(super) fn round_away(x: f32) -> i32 {
+    (x + 0.499_999_97_f32.copysign(x)) as i32
 }
 
 impl Q8Weights {
@@ -141,10 +150,6 @@ impl Q8Weights {
         (self.out, self.inp)
     }
 
-    fn strips(&self) -> usize {
-        self.out.div_ceil(STRIP)
-    }
-
     /// `x` `[rows, inp]` (row-major) times the weights' transpose: `[rows, out]`.
     pub fn matmul(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
         self.matmul_with(x, rows, avx2())
@@ -152,45 +157,23 @@ impl Q8Weights {
 
     /// `vector`: the AVX2 kernel (the caller has checked the CPU has it), else plain code.
     fn matmul_with(&self, x: &[f32], rows: usize, vector: bool) -> Result<Vec<f32>> {
-        if x.len() != rows * self.inp {
-            candle_core::bail!(
-                "int8 matmul: {} values for {rows} rows of {}",
-                x.len(),
-                self.inp
-            );
-        }
         let vector = vector && avx2();
-        let acts = Activations::quantize(x, rows, self.inp);
-        let width = rows * STRIP;
-        let mut by_strip = vec![0f32; self.strips() * width];
-        by_strip
-            .par_chunks_mut(width)
-            .enumerate()
-            .with_min_len(16)
-            .for_each(|(s, dst)| {
-                #[cfg(target_arch = "x86_64")]
-                if vector {
-                    // SAFETY: the CPU has AVX2, FMA and F16C (checked before the loop).
-                    return unsafe { self.strip_avx2(s, &acts, dst) };
-                }
-                let _ = vector;
-                self.strip_plain(s, &acts, dst)
-            });
-        let mut out = vec![0f32; rows * self.out];
-        for (s, strip) in by_strip.chunks_exact(width).enumerate() {
-            let n = STRIP.min(self.out - s * STRIP);
-            for (r, lanes) in strip.chunks_exact(STRIP).enumerate() {
-                out[r * self.out + s * STRIP..][..n].copy_from_slice(&lanes[..n]);
+        by_strips(x, rows, self.inp, self.out, |s, acts, y| {
+            #[cfg(target_arch = "x86_64")]
+            if vector {
+                // SAFETY: the CPU has AVX2, FMA and F16C (checked before the loop).
+                return unsafe { self.strip_avx2(s, acts, y) };
             }
-        }
-        Ok(out)
+            let _ = vector;
+            self.strip_plain(s, acts, y)
+        })
     }
 
     /// The same sums in plain code: the fallback, and what the vector kernel is tested against.
-    fn strip_plain(&self, s: usize, a: &Activations, dst: &mut [f32]) {
+    fn strip_plain(&self, s: usize, a: &Activations, y: &StripOut) {
         let tiles = &self.quants[s * self.blocks * STRIP * BLOCK..][..self.blocks * STRIP * BLOCK];
         let scales = &self.scales[s * self.blocks * STRIP..][..self.blocks * STRIP];
-        for (r, lanes) in dst.chunks_exact_mut(STRIP).enumerate() {
+        for r in 0..a.rows {
             let mut acc = [0f32; STRIP];
             for b in 0..self.blocks {
                 let tile = &tiles[b * STRIP * BLOCK..][..STRIP * BLOCK];
@@ -207,14 +190,14 @@ impl Q8Weights {
                     *acc += sums[lane] as f32 * (dw * dx);
                 }
             }
-            lanes.copy_from_slice(&acc);
+            y.put(r, s, &acc);
         }
     }
 
     /// One strip for every row, [`ROWS_PER_PASS`] rows per pass over its weights.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn strip_avx2(&self, s: usize, a: &Activations, dst: &mut [f32]) {
+    unsafe fn strip_avx2(&self, s: usize, a: &Activations, dst: &StripOut) {
         let mut r = 0;
         while r < a.rows {
             let n = ROWS_PER_PASS.min(a.rows - r);
@@ -241,10 +224,10 @@ impl Q8Weights {
         s: usize,
         a: &Activations,
         r0: usize,
-        dst: &mut [f32],
+        dst: &StripOut,
     ) {
         use std::arch::x86_64::*;
-        debug_assert!(r0 + R <= a.rows && dst.len() >= (r0 + R) * STRIP);
+        debug_assert!(r0 + R <= a.rows);
         let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); R];
         // SAFETY (pointer arithmetic below): a strip holds `blocks` tiles of STRIP * BLOCK
@@ -274,40 +257,129 @@ impl Q8Weights {
             }
         }
         for (i, acc) in acc.iter().enumerate() {
-            _mm256_storeu_ps(dst.as_mut_ptr().add((r0 + i) * STRIP), *acc);
+            let mut lanes = [0f32; STRIP];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), *acc);
+            dst.put(r0 + i, s, &lanes);
         }
     }
 }
 
-/// Activation rows quantized per block as Q8_0 quantizes them, with their magnitudes for the
-/// unsigned side of the byte products.
-struct Activations {
-    rows: usize,
-    quants: Vec<i8>,
-    magnitudes: Vec<u8>,
+/// Activation rows quantized per block as Q8_0 (and Q8_1) quantize them, with their
+/// magnitudes for the unsigned side of the byte products.
+#[derive(Default)]
+pub(super) struct Activations {
+    pub(super) rows: usize,
+    pub(super) quants: Vec<i8>,
+    pub(super) magnitudes: Vec<u8>,
     /// Per row and block, the scale as Q8_0 stores it (through f16).
-    scales: Vec<f32>,
+    pub(super) scales: Vec<f32>,
+    /// Per row and block, Q8_1's `s`: the scale times the sum of the block's values, in f16
+    /// arithmetic as ggml computes it (the 4-bit kernels' minimums multiply it).
+    pub(super) sums: Vec<f32>,
 }
 
 impl Activations {
-    fn quantize(x: &[f32], rows: usize, inp: usize) -> Self {
-        let mut quants = vec![0i8; rows * inp];
-        let mut scales = vec![0f32; rows * inp / BLOCK];
-        for ((xs, q), d) in x
+    /// Quantizes `x` `[rows, inp]` into buffers kept from the last call: no allocation once
+    /// they are large enough.
+    fn fill(&mut self, x: &[f32], rows: usize, inp: usize) {
+        self.rows = rows;
+        let blocks = rows * inp / BLOCK;
+        self.quants.resize(rows * inp, 0);
+        self.magnitudes.resize(rows * inp, 0);
+        self.scales.resize(blocks, 0.0);
+        self.sums.resize(blocks, 0.0);
+        let parts = x
             .chunks_exact(BLOCK)
-            .zip(quants.chunks_exact_mut(BLOCK))
-            .zip(&mut scales)
-        {
-            *d = f16::from_f32(quantize_block(xs, q)).to_f32();
-        }
-        let magnitudes = quants.iter().map(|q| q.unsigned_abs()).collect();
-        Self {
-            rows,
-            quants,
-            magnitudes,
-            scales,
+            .zip(self.quants.chunks_exact_mut(BLOCK))
+            .zip(self.magnitudes.chunks_exact_mut(BLOCK))
+            .zip(self.scales.iter_mut().zip(&mut self.sums));
+        for (((xs, q), m), (d, sum)) in parts {
+            let d16 = f16::from_f32(quantize_block(xs, q));
+            *d = d16.to_f32();
+            let total: i32 = q.iter().map(|&v| v as i32).sum();
+            *sum = (f16::from_f32(total as f32) * d16).to_f32();
+            for (m, &q) in m.iter_mut().zip(q.iter()) {
+                *m = q.unsigned_abs();
+            }
         }
     }
+}
+
+thread_local! {
+    /// Each calling thread's activation buffers, reused from call to call.
+    static SCRATCH: std::cell::RefCell<Activations> = Default::default();
+}
+
+/// Where strips write their outputs: `[rows, out]` row-major, each strip its own columns.
+pub(super) struct StripOut {
+    ptr: *mut f32,
+    rows: usize,
+    out: usize,
+}
+
+// SAFETY: strips write disjoint columns (`put` with distinct `s`), so concurrent writers never
+// touch the same element; the buffer outlives the parallel loop that holds this.
+unsafe impl Sync for StripOut {}
+
+impl StripOut {
+    /// Row `r`'s outputs of strip `s` (the lanes past `out` of a last, partial strip are
+    /// dropped).
+    #[inline]
+    pub(super) fn put(&self, r: usize, s: usize, lanes: &[f32; STRIP]) {
+        let first = s * STRIP;
+        assert!(
+            r < self.rows && first < self.out,
+            "strip output out of range"
+        );
+        let n = STRIP.min(self.out - first);
+        // SAFETY: in bounds (checked above); each strip owns its columns (see `Sync`).
+        unsafe {
+            std::ptr::copy_nonoverlapping(lanes.as_ptr(), self.ptr.add(r * self.out + first), n)
+        }
+    }
+}
+
+/// `x` `[rows, inp]` quantized once (into this thread's scratch), then `strip(s, acts, y)`
+/// for every strip of eight outputs in parallel; returns `[rows, out]`. The only allocation
+/// is the result.
+pub(super) fn by_strips(
+    x: &[f32],
+    rows: usize,
+    inp: usize,
+    out: usize,
+    strip: impl Fn(usize, &Activations, &StripOut) + Sync,
+) -> Result<Vec<f32>> {
+    if x.len() != rows * inp || !inp.is_multiple_of(BLOCK) {
+        candle_core::bail!(
+            "quantized matmul: {} values for {rows} rows of {inp}",
+            x.len()
+        );
+    }
+    let mut y = vec![0f32; rows * out];
+    let dst = StripOut {
+        ptr: y.as_mut_ptr(),
+        rows,
+        out,
+    };
+    let run = |acts: &Activations| {
+        (0..out.div_ceil(STRIP))
+            .into_par_iter()
+            .with_min_len(16)
+            .for_each(|s| strip(s, acts, &dst));
+    };
+    SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+        Ok(mut acts) => {
+            acts.fill(x, rows, inp);
+            run(&acts)
+        }
+        // Re-entered on this thread (from inside another parallel loop): fresh buffers.
+        Err(_) => {
+            let mut acts = Activations::default();
+            acts.fill(x, rows, inp);
+            run(&acts)
+        }
+    });
+    Ok(y)
 }
 
 #[cfg(test)]
@@ -363,6 +435,20 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn round_away_is_f32_round() {
+        let mut cases = vec![
+            0.0f32, -0.0, 0.5, -0.5, 1.5, -1.5, 2.5, -2.5, 126.5, -126.5, 127.0,
+        ];
+        for x in [0.5f32, 1.5, 2.5, 63.5, 126.5] {
+            cases.extend([x.next_down(), x.next_up(), -x.next_down(), -x.next_up()]);
+        }
+        cases.extend(random(20_000, 3).iter().map(|x| x * 130.0));
+        for x in cases {
+            assert_eq!(round_away(x), x.round() as i32, "{x}");
         }
     }
 

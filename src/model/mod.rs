@@ -6,6 +6,7 @@ pub mod codec;
 pub mod config;
 pub mod device;
 pub mod flow;
+pub mod int4;
 pub mod int8;
 pub mod memory;
 pub mod nn;
@@ -160,9 +161,22 @@ impl Voxtral {
             device = ?opts.device,
             "loading model"
         );
+        // The embedding tables stay in the file's dtype when it is narrower than the compute
+        // dtype: the rows a step gathers convert exactly as the whole table would, and the
+        // 131k-row token table takes half the memory (0.75 GiB less in f32).
+        let table_dtype = weights
+            .stored_dtype(backbone::TOKEN_TABLE)
+            .filter(|t| t.size_in_bytes() < opts.dtype.size_in_bytes())
+            .unwrap_or(opts.dtype);
         let vb = weights.into_var_builder(opts.dtype, &opts.device);
         let t = Instant::now();
-        let backbone = Backbone::load(vb.clone(), &config, opts.max_positions, opts.quant)?;
+        let backbone = Backbone::load(
+            vb.clone(),
+            &config,
+            opts.max_positions,
+            opts.quant,
+            table_dtype,
+        )?;
         tracing::info!(secs = t.elapsed().as_secs_f64(), "backbone loaded");
         let t = Instant::now();
         let head = AcousticHead::load(vb.pp("acoustic_transformer"), &config, opts.quant)?;
