@@ -316,23 +316,10 @@ impl Q4Weights {
 
 #[cfg(test)]
 mod tests {
+    use super::super::int8::tests::random;
     use super::*;
     use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QMatMul, QTensor};
     use candle_core::{Device, Module, Tensor};
-
-    fn random(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
 
     fn sq_err(a: &[f32], b: &[f32]) -> f64 {
         a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum()

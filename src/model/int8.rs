@@ -383,12 +383,13 @@ pub(super) fn by_strips(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
     use candle_core::{Device, Module, Tensor};
 
-    fn random(n: usize, seed: u64) -> Vec<f32> {
+    /// Deterministic values in [-1, 1) (also the 4-bit kernel's tests').
+    pub(in crate::model) fn random(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
