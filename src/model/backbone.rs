@@ -46,17 +46,19 @@ pub struct Backbone {
 
 /// The token embedding table's tensor name.
 pub const TOKEN_TABLE: &str = "mm_audio_embeddings.tok_embeddings.weight";
+/// The audio-code embedding table's tensor name.
+pub const AUDIO_TABLE: &str = "mm_audio_embeddings.audio_codebook_embeddings.embeddings.weight";
 
 impl Backbone {
     /// `max_positions` bounds prompt plus frames; RoPE tables are built for exactly that many.
-    /// The two embedding tables are kept in `table_dtype` (their rows convert to the compute
-    /// dtype as they are gathered).
+    /// The token and audio-code embedding tables are kept in `table_dtypes` (their rows
+    /// convert to the compute dtype as they are gathered).
     pub fn load(
         vb: VarBuilder,
         cfg: &ModelConfig,
         max_positions: usize,
         quant: Quant,
-        table_dtype: DType,
+        table_dtypes: [DType; 2],
     ) -> Result<Self> {
         let d = cfg.dim;
         let mm = vb.pp("mm_audio_embeddings");
@@ -64,10 +66,12 @@ impl Backbone {
             (cfg.vocab_size, d),
             "tok_embeddings.weight",
             Default::default(),
-            table_dtype,
+            table_dtypes[0],
         )?;
-        let audio_embeddings =
-            mm.get_unchecked_dtype("audio_codebook_embeddings.embeddings.weight", table_dtype)?;
+        let audio_embeddings = mm.get_unchecked_dtype(
+            "audio_codebook_embeddings.embeddings.weight",
+            table_dtypes[1],
+        )?;
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
             layers.push(TransformerLayer::load(

@@ -118,6 +118,21 @@ impl Q4Block {
     }
 }
 
+/// ggml `block_q4_1`s, kept in 16-bit words so that the bytes candle reads them from are
+/// aligned for its block type (which starts with two f16s).
+pub struct GgmlQ4_1 {
+    words: Vec<u16>,
+}
+
+impl GgmlQ4_1 {
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: u16 has no padding and u8 no alignment; the length covers the same memory.
+        unsafe {
+            std::slice::from_raw_parts(self.words.as_ptr() as *const u8, self.words.len() * 2)
+        }
+    }
+}
+
 /// A weight matrix `[out, inp]` of Q4_1 blocks in strips of eight outputs.
 pub struct Q4Weights {
     out: usize,
@@ -140,7 +155,7 @@ impl Q4Weights {
     /// `w` is `[out, inp]`, row-major; `inp` is a multiple of [`BLOCK`]. Strips are
     /// quantized in parallel.
     pub fn quantize(w: &[f32], out: usize, inp: usize) -> Result<Self> {
-        if !inp.is_multiple_of(BLOCK) || w.len() != out * inp {
+        if inp == 0 || !inp.is_multiple_of(BLOCK) || w.len() != out * inp {
             candle_core::bail!(
                 "4-bit weights: {} values for [{out}, {inp}] (inputs must be a multiple of {BLOCK})",
                 w.len()
@@ -199,17 +214,19 @@ impl Q4Weights {
 
     /// The same blocks in ggml's Q4_1 layout (row-major `block_q4_1`s: `d`, `m`, then byte `j`
     /// holding value `j` low and value `j + 16` high), for candle's kernel.
-    pub fn to_ggml(&self) -> Vec<u8> {
-        let mut bytes = Vec::with_capacity(self.out * self.blocks * GGML_BLOCK_BYTES);
+    pub fn to_ggml(&self) -> GgmlQ4_1 {
+        let mut words = Vec::with_capacity(self.out * self.blocks * GGML_BLOCK_BYTES / 2);
         for o in 0..self.out {
             for b in 0..self.blocks {
                 let block = self.block(o, b);
-                bytes.extend_from_slice(&block.d.to_bits().to_le_bytes());
-                bytes.extend_from_slice(&block.m.to_bits().to_le_bytes());
-                bytes.extend((0..BLOCK / 2).map(|j| block.q[j] | (block.q[j + BLOCK / 2] << 4)));
+                words.extend([block.d.to_bits(), block.m.to_bits()]);
+                words.extend((0..BLOCK / 4).map(|j| {
+                    let byte = |j: usize| block.q[j] | (block.q[j + BLOCK / 2] << 4);
+                    u16::from_le_bytes([byte(2 * j), byte(2 * j + 1)])
+                }));
             }
         }
-        bytes
+        GgmlQ4_1 { words }
     }
 
     /// Whether [`Self::matmul`] can run on this CPU (AVX2, FMA and F16C).
@@ -309,7 +326,7 @@ impl Q4Weights {
         for (i, acc) in acc.iter().enumerate() {
             let mut lanes = [0f32; STRIP];
             _mm256_storeu_ps(lanes.as_mut_ptr(), *acc);
-            dst.put(r0 + i, s, &lanes);
+            dst.put(r0 + i, &lanes);
         }
     }
 }
@@ -397,7 +414,7 @@ mod tests {
             }
             let q = qtensor_from_ggml(
                 GgmlDType::Q4_1,
-                &mine.to_ggml(),
+                mine.to_ggml().bytes(),
                 vec![out, inp],
                 &Device::Cpu,
             )
@@ -428,6 +445,7 @@ mod tests {
     #[test]
     fn bad_shapes_are_errors() {
         assert!(Q4Weights::quantize(&[0.0; 40], 1, 40).is_err());
+        assert!(Q4Weights::quantize(&[], 1, 0).is_err());
         let w = Q4Weights::quantize(&[0.5; 64], 2, 32).unwrap();
         if Q4Weights::kernel_available() {
             assert!(w.matmul(&[0.0; 31], 1).is_err());

@@ -91,7 +91,8 @@ pub(super) fn quantize_block(xs: &[f32], q: &mut [i8]) -> f32 {
     let d = amax / 127.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     for (y, &x) in q.iter_mut().zip(xs) {
-        *y = round_away(x * id) as i8;
+        // The clamp matters only for a subnormal scale, whose inverse overflows.
+        *y = round_away(x * id).clamp(-127, 127) as i8;
     }
     d
 }
@@ -109,7 +110,7 @@ impl Q8Weights {
     /// `w` is `[out, inp]`, row-major; `inp` is a multiple of [`BLOCK`]. Strips are packed in
     /// parallel.
     pub fn quantize(w: &[f32], out: usize, inp: usize) -> Result<Self> {
-        if !inp.is_multiple_of(BLOCK) || w.len() != out * inp {
+        if inp == 0 || !inp.is_multiple_of(BLOCK) || w.len() != out * inp {
             candle_core::bail!(
                 "int8 weights: {} values for [{out}, {inp}] (inputs must be a multiple of {BLOCK})",
                 w.len()
@@ -190,7 +191,7 @@ impl Q8Weights {
                     *acc += sums[lane] as f32 * (dw * dx);
                 }
             }
-            y.put(r, s, &acc);
+            y.put(r, &acc);
         }
     }
 
@@ -259,7 +260,7 @@ impl Q8Weights {
         for (i, acc) in acc.iter().enumerate() {
             let mut lanes = [0f32; STRIP];
             _mm256_storeu_ps(lanes.as_mut_ptr(), *acc);
-            dst.put(r0 + i, s, &lanes);
+            dst.put(r0 + i, &lanes);
         }
     }
 }
@@ -310,32 +311,36 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Activations> = Default::default();
 }
 
-/// Where strips write their outputs: `[rows, out]` row-major, each strip its own columns.
-pub(super) struct StripOut {
+/// The output `[rows, out]` (row-major) as the parallel strips share it.
+struct SharedOut {
     ptr: *mut f32,
     rows: usize,
     out: usize,
 }
 
-// SAFETY: strips write disjoint columns (`put` with distinct `s`), so concurrent writers never
-// touch the same element; the buffer outlives the parallel loop that holds this.
-unsafe impl Sync for StripOut {}
+// SAFETY: only `by_strips` makes one, over a buffer that outlives its parallel loop, and it
+// hands each strip index (visited once) a `StripOut` that writes that strip's columns alone,
+// so no two threads write the same element.
+unsafe impl Sync for SharedOut {}
 
-impl StripOut {
-    /// Row `r`'s outputs of strip `s` (the lanes past `out` of a last, partial strip are
+/// Where one strip writes its outputs: its own eight columns of every row.
+pub(super) struct StripOut<'a> {
+    shared: &'a SharedOut,
+    strip: usize,
+}
+
+impl StripOut<'_> {
+    /// Row `r`'s outputs of this strip (the lanes past `out` of a last, partial strip are
     /// dropped).
     #[inline]
-    pub(super) fn put(&self, r: usize, s: usize, lanes: &[f32; STRIP]) {
-        let first = s * STRIP;
-        assert!(
-            r < self.rows && first < self.out,
-            "strip output out of range"
-        );
-        let n = STRIP.min(self.out - first);
-        // SAFETY: in bounds (checked above); each strip owns its columns (see `Sync`).
-        unsafe {
-            std::ptr::copy_nonoverlapping(lanes.as_ptr(), self.ptr.add(r * self.out + first), n)
-        }
+    pub(super) fn put(&self, r: usize, lanes: &[f32; STRIP]) {
+        let SharedOut { ptr, rows, out } = *self.shared;
+        let first = self.strip * STRIP;
+        assert!(r < rows && first < out, "strip output out of range");
+        let n = STRIP.min(out - first);
+        // SAFETY: in bounds (checked above); this strip's columns are written by this handle
+        // only (see `SharedOut`).
+        unsafe { std::ptr::copy_nonoverlapping(lanes.as_ptr(), ptr.add(r * out + first), n) }
     }
 }
 
@@ -349,14 +354,14 @@ pub(super) fn by_strips(
     out: usize,
     strip: impl Fn(usize, &Activations, &StripOut) + Sync,
 ) -> Result<Vec<f32>> {
-    if x.len() != rows * inp || !inp.is_multiple_of(BLOCK) {
+    if x.len() != rows * inp || inp == 0 || !inp.is_multiple_of(BLOCK) {
         candle_core::bail!(
             "quantized matmul: {} values for {rows} rows of {inp}",
             x.len()
         );
     }
     let mut y = vec![0f32; rows * out];
-    let dst = StripOut {
+    let shared = SharedOut {
         ptr: y.as_mut_ptr(),
         rows,
         out,
@@ -365,7 +370,13 @@ pub(super) fn by_strips(
         (0..out.div_ceil(STRIP))
             .into_par_iter()
             .with_min_len(16)
-            .for_each(|s| strip(s, acts, &dst));
+            .for_each(|s| {
+                let dst = StripOut {
+                    shared: &shared,
+                    strip: s,
+                };
+                strip(s, acts, &dst)
+            });
     };
     SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
         Ok(mut acts) => {
@@ -439,6 +450,18 @@ pub(super) mod tests {
         }
     }
 
+    /// A block of subnormal values has a scale whose inverse overflows: the values saturate
+    /// (with their signs) instead of wrapping.
+    #[test]
+    fn subnormal_blocks_keep_their_signs() {
+        let mut xs = [1e-39f32; BLOCK];
+        xs[3] = -1e-39;
+        let mut q = [0i8; BLOCK];
+        quantize_block(&xs, &mut q);
+        assert!(q.iter().all(|&v| (-127..=127).contains(&v)));
+        assert!(q[0] > 0 && q[3] < 0, "{q:?}");
+    }
+
     #[test]
     fn round_away_is_f32_round() {
         let mut cases = vec![
@@ -456,6 +479,7 @@ pub(super) mod tests {
     #[test]
     fn bad_shapes_are_errors() {
         assert!(Q8Weights::quantize(&[0.0; 40], 1, 40).is_err());
+        assert!(Q8Weights::quantize(&[], 1, 0).is_err());
         let w = Q8Weights::quantize(&[0.5; 64], 2, 32).unwrap();
         assert!(w.matmul(&[0.0; 31], 1).is_err());
         assert_eq!(w.matmul(&[1.0; 32], 1).unwrap().len(), 2);

@@ -164,10 +164,16 @@ impl Voxtral {
         // The embedding tables stay in the file's dtype when it is narrower than the compute
         // dtype: the rows a step gathers convert exactly as the whole table would, and the
         // 131k-row token table takes half the memory (0.75 GiB less in f32).
-        let table_dtype = weights
-            .stored_dtype(backbone::TOKEN_TABLE)
-            .filter(|t| t.size_in_bytes() < opts.dtype.size_in_bytes())
-            .unwrap_or(opts.dtype);
+        let table_dtype = |name: &str| {
+            weights
+                .stored_dtype(name)
+                .filter(|t| t.size_in_bytes() < opts.dtype.size_in_bytes())
+                .unwrap_or(opts.dtype)
+        };
+        let table_dtypes = [
+            table_dtype(backbone::TOKEN_TABLE),
+            table_dtype(backbone::AUDIO_TABLE),
+        ];
         let vb = weights.into_var_builder(opts.dtype, &opts.device);
         let t = Instant::now();
         let backbone = Backbone::load(
@@ -175,7 +181,7 @@ impl Voxtral {
             &config,
             opts.max_positions,
             opts.quant,
-            table_dtype,
+            table_dtypes,
         )?;
         tracing::info!(secs = t.elapsed().as_secs_f64(), "backbone loaded");
         let t = Instant::now();

@@ -96,7 +96,7 @@ impl Proj {
                 // Elsewhere the same blocks through candle's Q4_1 kernel.
                 let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
                     format,
-                    &packed.to_ggml(),
+                    packed.to_ggml().bytes(),
                     vec![out_dim, in_dim],
                     &device,
                 )?;
