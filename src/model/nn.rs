@@ -425,3 +425,45 @@ pub fn argmax_in(values: &[f32], allowed: std::ops::Range<usize>) -> Option<usiz
     }
     best.map(|(i, _)| i)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// q4 puts only the feed-forward's gate and up projections in 4 bits (the rest int8, the
+    /// codec never), and a row that blocks do not divide stays dense.
+    #[test]
+    fn q4_stores_gate_and_up_in_four_bits() {
+        let q4 = |name: &str| block_format(Quant::Q4, name, 3072);
+        for name in [
+            "layers.3.feed_forward.w1",
+            "acoustic_transformer.layers.0.feed_forward.w3",
+        ] {
+            assert_eq!(q4(name), Some(GgmlDType::Q4_1), "{name}");
+        }
+        for name in [
+            "layers.3.feed_forward.w2",
+            "layers.3.attention.wq",
+            "acoustic_transformer.layers.1.attention.wo",
+            "acoustic_transformer.llm_projection",
+        ] {
+            assert_eq!(q4(name), Some(GgmlDType::Q8_0), "{name}");
+        }
+        assert_eq!(
+            block_format(Quant::Q8, "layers.0.feed_forward.w1", 3072),
+            Some(GgmlDType::Q8_0)
+        );
+        assert_eq!(
+            block_format(Quant::Q4, "layers.0.feed_forward.w1", 40),
+            None
+        );
+        assert_eq!(
+            block_format(Quant::Plain, "decoder.feed_forward.w1", 3072),
+            None
+        );
+        assert_eq!(
+            block_format(Quant::None, "layers.0.feed_forward.w1", 3072),
+            None
+        );
+    }
+}
