@@ -14,7 +14,7 @@ use candle_core::Result;
 use half::f16;
 use rayon::prelude::*;
 
-use super::int8::{avx2, by_strips, round_away, Activations, StripOut, BLOCK, STRIP};
+use super::int8::{avx2, by_strips, round_away, Activations, Extra, StripOut, BLOCK, STRIP};
 
 /// Activation rows per pass over a strip's weights.
 const ROWS_PER_PASS: usize = 4;
@@ -240,7 +240,7 @@ impl Q4Weights {
         if !avx2() {
             candle_core::bail!("the 4-bit kernel needs AVX2, FMA and F16C");
         }
-        by_strips(x, rows, self.inp, self.out, |s, acts, y| {
+        by_strips(x, rows, self.inp, self.out, Extra::Sums, |s, acts, y| {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: the CPU has AVX2, FMA and F16C (checked above).
             unsafe {

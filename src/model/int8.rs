@@ -159,15 +159,22 @@ impl Q8Weights {
     /// `vector`: the AVX2 kernel (the caller has checked the CPU has it), else plain code.
     fn matmul_with(&self, x: &[f32], rows: usize, vector: bool) -> Result<Vec<f32>> {
         let vector = vector && avx2();
-        by_strips(x, rows, self.inp, self.out, |s, acts, y| {
-            #[cfg(target_arch = "x86_64")]
-            if vector {
-                // SAFETY: the CPU has AVX2, FMA and F16C (checked before the loop).
-                return unsafe { self.strip_avx2(s, acts, y) };
-            }
-            let _ = vector;
-            self.strip_plain(s, acts, y)
-        })
+        by_strips(
+            x,
+            rows,
+            self.inp,
+            self.out,
+            Extra::Magnitudes,
+            |s, acts, y| {
+                #[cfg(target_arch = "x86_64")]
+                if vector {
+                    // SAFETY: the CPU has AVX2, FMA and F16C (checked before the loop).
+                    return unsafe { self.strip_avx2(s, acts, y) };
+                }
+                let _ = vector;
+                self.strip_plain(s, acts, y)
+            },
+        )
     }
 
     /// The same sums in plain code: the fallback, and what the vector kernel is tested against.
@@ -265,8 +272,17 @@ impl Q8Weights {
     }
 }
 
-/// Activation rows quantized per block as Q8_0 (and Q8_1) quantize them, with their
-/// magnitudes for the unsigned side of the byte products.
+/// What a kernel reads beyond the quantized activations and their scales.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Extra {
+    /// The values' magnitudes, for the unsigned side of int8 × int8 products.
+    Magnitudes,
+    /// Q8_1's per-block sums, which 4-bit minimums multiply.
+    Sums,
+}
+
+/// Activation rows quantized per block as Q8_0 (and Q8_1) quantize them, with the [`Extra`]
+/// their kernel reads (the other one is left empty).
 #[derive(Default)]
 pub(super) struct Activations {
     pub(super) rows: usize,
@@ -280,27 +296,37 @@ pub(super) struct Activations {
 }
 
 impl Activations {
-    /// Quantizes `x` `[rows, inp]` into buffers kept from the last call: no allocation once
-    /// they are large enough.
-    fn fill(&mut self, x: &[f32], rows: usize, inp: usize) {
+    /// Quantizes `x` `[rows, inp]` into buffers kept from the last call (no allocation once
+    /// they are large enough), with `extra` only.
+    fn fill(&mut self, x: &[f32], rows: usize, inp: usize, extra: Extra) {
         self.rows = rows;
         let blocks = rows * inp / BLOCK;
         self.quants.resize(rows * inp, 0);
-        self.magnitudes.resize(rows * inp, 0);
         self.scales.resize(blocks, 0.0);
-        self.sums.resize(blocks, 0.0);
-        let parts = x
+        let (magnitudes, sums) = match extra {
+            Extra::Magnitudes => (rows * inp, 0),
+            Extra::Sums => (0, blocks),
+        };
+        self.magnitudes.resize(magnitudes, 0);
+        self.sums.resize(sums, 0.0);
+        for (b, (xs, q)) in x
             .chunks_exact(BLOCK)
             .zip(self.quants.chunks_exact_mut(BLOCK))
-            .zip(self.magnitudes.chunks_exact_mut(BLOCK))
-            .zip(self.scales.iter_mut().zip(&mut self.sums));
-        for (((xs, q), m), (d, sum)) in parts {
+            .enumerate()
+        {
             let d16 = f16::from_f32(quantize_block(xs, q));
-            *d = d16.to_f32();
-            let total: i32 = q.iter().map(|&v| v as i32).sum();
-            *sum = (f16::from_f32(total as f32) * d16).to_f32();
-            for (m, &q) in m.iter_mut().zip(q.iter()) {
-                *m = q.unsigned_abs();
+            self.scales[b] = d16.to_f32();
+            match extra {
+                Extra::Magnitudes => {
+                    let m = &mut self.magnitudes[b * BLOCK..][..BLOCK];
+                    for (m, &q) in m.iter_mut().zip(q.iter()) {
+                        *m = q.unsigned_abs();
+                    }
+                }
+                Extra::Sums => {
+                    let total: i32 = q.iter().map(|&v| v as i32).sum();
+                    self.sums[b] = (f16::from_f32(total as f32) * d16).to_f32();
+                }
             }
         }
     }
@@ -352,6 +378,7 @@ pub(super) fn by_strips(
     rows: usize,
     inp: usize,
     out: usize,
+    extra: Extra,
     strip: impl Fn(usize, &Activations, &StripOut) + Sync,
 ) -> Result<Vec<f32>> {
     if x.len() != rows * inp || inp == 0 || !inp.is_multiple_of(BLOCK) {
@@ -378,17 +405,13 @@ pub(super) fn by_strips(
                 strip(s, acts, &dst)
             });
     };
-    SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
-        Ok(mut acts) => {
-            acts.fill(x, rows, inp);
-            run(&acts)
-        }
+    SCRATCH.with(|scratch| {
+        let mut fresh = Activations::default();
+        let mut kept = scratch.try_borrow_mut();
         // Re-entered on this thread (from inside another parallel loop): fresh buffers.
-        Err(_) => {
-            let mut acts = Activations::default();
-            acts.fill(x, rows, inp);
-            run(&acts)
-        }
+        let acts = kept.as_deref_mut().unwrap_or(&mut fresh);
+        acts.fill(x, rows, inp, extra);
+        run(acts)
     });
     Ok(y)
 }

@@ -76,21 +76,19 @@ impl Proj {
                 Default::default(),
                 DType::F32,
             )?;
-            let cpu = w.device().is_cpu();
-            if format == GgmlDType::Q8_0 && cpu && Int8Kernel::for_this_cpu() == Int8Kernel::Strips
+            let device = w.device().clone();
+            // The values on the host, the tensor dropped: the packers read plain slices.
+            let host = |w: Tensor| w.flatten_all()?.to_vec1::<f32>();
+            if format == GgmlDType::Q8_0
+                && device.is_cpu()
+                && Int8Kernel::for_this_cpu() == Int8Kernel::Strips
             {
-                let values = w.flatten_all()?.to_vec1::<f32>()?;
-                drop(w);
-                let packed = Q8Weights::quantize(&values, out_dim, in_dim)?;
+                let packed = Q8Weights::quantize(&host(w)?, out_dim, in_dim)?;
                 return Ok(Proj::Int8(std::sync::Arc::new(packed)));
             }
             if format == GgmlDType::Q4_1 {
-                let values = w.flatten_all()?.to_vec1::<f32>()?;
-                let device = w.device().clone();
-                drop(w);
-                let packed = Q4Weights::quantize(&values, out_dim, in_dim)?;
-                drop(values);
-                if cpu && Q4Weights::kernel_available() {
+                let packed = Q4Weights::quantize(&host(w)?, out_dim, in_dim)?;
+                if device.is_cpu() && Q4Weights::kernel_available() {
                     return Ok(Proj::Int4(std::sync::Arc::new(packed)));
                 }
                 // Elsewhere the same blocks through candle's Q4_1 kernel.
