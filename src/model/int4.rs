@@ -1,23 +1,29 @@
 //! 4-bit weights for `--quant q4`: ggml's Q4_1 blocks (32 values, an f16 scale and an f16
 //! minimum each), found by a least-squares search instead of Q4_1's min/max, and packed in
-//! strips of eight outputs for an AVX2 kernel.
+//! strips of eight outputs for an AVX2 kernel and an AVX-512 VNNI one.
 //!
 //! Why Q4_1 and this kernel: the 4-bit values are unsigned, so `maddubs` multiplies them
 //! against the signed int8 activations directly, and eight such products add up in 16 bits
 //! without overflow (8 × 2 × 15 × 127 < 2^15). That is one multiply instruction per 32
 //! products where the int8 kernel needs two, so on a CPU bound by its multiply port (AVX2
-//! without VNNI) the 4-bit weights are faster as well as half the bytes. Where this kernel
-//! cannot run, the same blocks go to candle's Q4_1 kernel ([`Q4Weights::to_ggml`]): the block
+//! without VNNI) the 4-bit weights are faster as well as half the bytes. With VNNI,
+//! `vpdpbusd` takes the unsigned nibbles against the signed bytes as they are. Where neither
+//! kernel can run, the same blocks go to candle's Q4_1 kernel ([`Q4Weights::to_ggml`]): the block
 //! sums are the same integers, so the results differ only in the order of f32 additions.
 
 use candle_core::Result;
 use half::f16;
 use rayon::prelude::*;
 
-use super::int8::{avx2, by_strips, round_away, Activations, Extra, StripOut, BLOCK, STRIP};
+use super::int8::{
+    avx2, by_strips, prefetch, round_away, vnni, Activations, CpuKernel, Extra, StripOut, BLOCK,
+    PREFETCH, STRIP,
+};
 
-/// Activation rows per pass over a strip's weights.
+/// Activation rows per pass over a strip's weights (AVX2: 16 registers).
 const ROWS_PER_PASS: usize = 4;
+/// The same with VNNI (AVX-512VL: 32 registers, and no 16-bit sums to widen).
+const ROWS_PER_PASS_VNNI: usize = 6;
 /// Bytes per strip and block: 8 outputs × 32 values, two values a byte.
 const TILE: usize = STRIP * BLOCK / 2;
 /// ggml's `block_q4_1`: f16 scale, f16 minimum, 16 bytes of values.
@@ -229,26 +235,55 @@ impl Q4Weights {
         GgmlQ4_1 { words }
     }
 
-    /// Whether [`Self::matmul`] can run on this CPU (AVX2, FMA and F16C).
-    pub fn kernel_available() -> bool {
-        avx2()
+    /// `x` `[rows, inp]` (row-major) times the weights' transpose: `[rows, out]`, by this
+    /// CPU's kernel ([`CpuKernel::for_this_cpu`]; plain code where that is candle's).
+    pub fn matmul(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+        self.matmul_with(x, rows, Some(CpuKernel::for_this_cpu()))
     }
 
-    /// `x` `[rows, inp]` (row-major) times the weights' transpose: `[rows, out]`. Needs
-    /// [`Self::kernel_available`].
-    pub fn matmul(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
-        if !avx2() {
-            candle_core::bail!("the 4-bit kernel needs AVX2, FMA and F16C");
-        }
+    /// By `kernel` if the CPU has it, else by plain code.
+    fn matmul_with(&self, x: &[f32], rows: usize, kernel: Option<CpuKernel>) -> Result<Vec<f32>> {
+        let kernel = kernel.filter(|k| match k {
+            CpuKernel::Vnni => avx2() && vnni(),
+            CpuKernel::Avx2 => avx2(),
+            CpuKernel::Candle => false,
+        });
         by_strips(x, rows, self.inp, self.out, Extra::Sums, |s, acts, y| {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: the CPU has AVX2, FMA and F16C (checked above).
-            unsafe {
-                self.strip_avx2(s, acts, y)
+            match kernel {
+                // SAFETY: the CPU has AVX2, FMA, F16C and AVX-512 VNNI/VL (checked above).
+                Some(CpuKernel::Vnni) => return unsafe { self.strip_vnni(s, acts, y) },
+                // SAFETY: the CPU has AVX2, FMA and F16C (checked above).
+                Some(CpuKernel::Avx2) => return unsafe { self.strip_avx2(s, acts, y) },
+                _ => {}
             }
-            #[cfg(not(target_arch = "x86_64"))]
-            let _ = (s, acts, y);
+            let _ = kernel;
+            self.strip_plain(s, acts, y)
         })
+    }
+
+    /// The same sums in plain code: the fallback, and what the vector kernels are tested
+    /// against.
+    fn strip_plain(&self, s: usize, a: &Activations, y: &StripOut) {
+        for r in 0..a.rows {
+            let mut acc = [0f32; STRIP];
+            for b in 0..self.blocks {
+                let xq = &a.quants[r * self.inp + b * BLOCK..][..BLOCK];
+                let at = r * self.blocks + b;
+                for (lane, acc) in acc.iter_mut().enumerate() {
+                    if s * STRIP + lane >= self.out {
+                        break;
+                    }
+                    let block = self.block(s * STRIP + lane, b);
+                    let dot: i32 = (block.q.iter().zip(xq))
+                        .map(|(&q, &x)| q as i32 * x as i32)
+                        .sum();
+                    *acc += dot as f32 * (block.d.to_f32() * a.scales[at])
+                        + block.m.to_f32() * a.sums[at];
+                }
+            }
+            y.put(r, &acc);
+        }
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -295,6 +330,9 @@ impl Q4Weights {
             let mut sums = [_mm256_setzero_si256(); R];
             for p in 0..4 {
                 let v = _mm256_loadu_si256(tiles.add(b * TILE + p * 32) as *const __m256i);
+                if p % 2 == 0 {
+                    prefetch(tiles.wrapping_add(b * TILE + p * 32 + PREFETCH));
+                }
                 let low = _mm256_and_si256(v, nibble);
                 let high = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
                 let at = b * BLOCK / 4 + 2 * p;
@@ -316,6 +354,88 @@ impl Q4Weights {
                 let at = (r0 + i) * self.blocks + b;
                 let dxd = _mm256_mul_ps(d, _mm256_set1_ps(a.scales[at]));
                 let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(sums[i], ones));
+                acc[i] = _mm256_fmadd_ps(
+                    m,
+                    _mm256_set1_ps(a.sums[at]),
+                    _mm256_fmadd_ps(dot, dxd, acc[i]),
+                );
+            }
+        }
+        for (i, acc) in acc.iter().enumerate() {
+            let mut lanes = [0f32; STRIP];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), *acc);
+            dst.put(r0 + i, &lanes);
+        }
+    }
+
+    /// [`Self::strip_avx2`] with VNNI: up to [`ROWS_PER_PASS_VNNI`] rows per pass.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+    unsafe fn strip_vnni(&self, s: usize, a: &Activations, dst: &StripOut) {
+        let mut r = 0;
+        while r < a.rows {
+            let n = ROWS_PER_PASS_VNNI.min(a.rows - r);
+            match n {
+                1 => self.rows_vnni::<1>(s, a, r, dst),
+                2 => self.rows_vnni::<2>(s, a, r, dst),
+                3 => self.rows_vnni::<3>(s, a, r, dst),
+                4 => self.rows_vnni::<4>(s, a, r, dst),
+                5 => self.rows_vnni::<5>(s, a, r, dst),
+                _ => self.rows_vnni::<ROWS_PER_PASS_VNNI>(s, a, r, dst),
+            }
+            r += n;
+        }
+    }
+
+    /// [`Self::rows_avx2`] with `vpdpbusd`: the unsigned nibbles times the signed activation
+    /// bytes, four products summed into each i32 lane by one instruction.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+    #[inline]
+    unsafe fn rows_vnni<const R: usize>(
+        &self,
+        s: usize,
+        a: &Activations,
+        r0: usize,
+        dst: &StripOut,
+    ) {
+        use std::arch::x86_64::*;
+        debug_assert!(r0 + R <= a.rows);
+        let nibble = _mm256_set1_epi8(0x0F);
+        let mut acc = [_mm256_setzero_ps(); R];
+        // SAFETY (pointer arithmetic below): as in `rows_avx2`.
+        let tiles = self.quants.as_ptr().add(s * self.blocks * TILE);
+        let scales = self.scales.as_ptr().add(s * self.blocks * 2 * STRIP);
+        let xs: [*const i32; R] =
+            std::array::from_fn(|i| a.quants.as_ptr().add((r0 + i) * self.inp) as *const i32);
+        for b in 0..self.blocks {
+            // Two chains of sums per row (low and high nibbles), so that `vpdpbusd`'s latency
+            // overlaps.
+            let mut lows = [_mm256_setzero_si256(); R];
+            let mut highs = [_mm256_setzero_si256(); R];
+            for p in 0..4 {
+                let v = _mm256_loadu_si256(tiles.add(b * TILE + p * 32) as *const __m256i);
+                if p % 2 == 0 {
+                    prefetch(tiles.wrapping_add(b * TILE + p * 32 + PREFETCH));
+                }
+                let low = _mm256_and_si256(v, nibble);
+                let high = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+                let at = b * BLOCK / 4 + 2 * p;
+                for i in 0..R {
+                    let x0 = _mm256_set1_epi32(xs[i].add(at).read_unaligned());
+                    let x1 = _mm256_set1_epi32(xs[i].add(at + 1).read_unaligned());
+                    lows[i] = _mm256_dpbusd_epi32(lows[i], low, x0);
+                    highs[i] = _mm256_dpbusd_epi32(highs[i], high, x1);
+                }
+            }
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(scales.add(b * 2 * STRIP) as *const __m128i));
+            let m = _mm256_cvtph_ps(_mm_loadu_si128(
+                scales.add(b * 2 * STRIP + STRIP) as *const __m128i
+            ));
+            for i in 0..R {
+                let at = (r0 + i) * self.blocks + b;
+                let dxd = _mm256_mul_ps(d, _mm256_set1_ps(a.scales[at]));
+                let dot = _mm256_cvtepi32_ps(_mm256_add_epi32(lows[i], highs[i]));
                 acc[i] = _mm256_fmadd_ps(
                     m,
                     _mm256_set1_ps(a.sums[at]),
@@ -400,10 +520,6 @@ mod tests {
     /// strips, every row count of a pass and more than one pass.
     #[test]
     fn strips_compute_candles_q4_1_sums() {
-        if !Q4Weights::kernel_available() {
-            eprintln!("skipped: no AVX2 on this CPU");
-            return;
-        }
         for (out, inp) in [(8, 64), (13, 64), (40, 128), (67, 256)] {
             let w = random(out * inp, out as u64 + 100);
             let mine = Q4Weights::quantize(&w, out, inp).unwrap();
@@ -430,13 +546,16 @@ mod tests {
                     .unwrap()
                     .to_vec1()
                     .unwrap();
-                let got = mine.matmul(&x, rows).unwrap();
-                assert_eq!(got.len(), want.len());
-                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                    assert!(
-                        (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
-                        "[{out}, {inp}] x {rows} rows, output {i}: {g} against {w}"
-                    );
+                // The plain code everywhere, each vector kernel where the CPU has it.
+                for kernel in CpuKernel::all_here() {
+                    let got = mine.matmul_with(&x, rows, kernel).unwrap();
+                    assert_eq!(got.len(), want.len());
+                    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                            "{kernel:?}: [{out}, {inp}] x {rows} rows, output {i}: {g} against {w}"
+                        );
+                    }
                 }
             }
         }
@@ -447,9 +566,7 @@ mod tests {
         assert!(Q4Weights::quantize(&[0.0; 40], 1, 40).is_err());
         assert!(Q4Weights::quantize(&[], 1, 0).is_err());
         let w = Q4Weights::quantize(&[0.5; 64], 2, 32).unwrap();
-        if Q4Weights::kernel_available() {
-            assert!(w.matmul(&[0.0; 31], 1).is_err());
-            assert_eq!(w.matmul(&[1.0; 32], 1).unwrap().len(), 2);
-        }
+        assert!(w.matmul(&[0.0; 31], 1).is_err());
+        assert_eq!(w.matmul(&[1.0; 32], 1).unwrap().len(), 2);
     }
 }

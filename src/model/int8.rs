@@ -1,11 +1,14 @@
-//! Int8 weights for `--quant q8` on CPUs whose only byte dot product is AVX2's: the blocks and
+//! Int8 weights for `--quant q8` (and q4's int8 projections) on x86 CPUs: the blocks and
 //! rounding of ggml's Q8_0 (32 values, one f16 scale each), packed so that one pass over a
-//! strip of eight outputs serves up to six activation rows from registers.
+//! strip of eight outputs serves up to six activation rows from registers, by AVX2's `maddubs`
+//! or, where the CPU has it, AVX-512 VNNI's `vpdpbusd`.
 //!
 //! candle's own Q8_0 kernel has a packed VNNI path, but on a CPU without VNNI it multiplies one
 //! activation row at a time: the flow head's six rows cost six times one row (14 ms against
-//! 2.7 ms here for a [9216, 3072] matrix on a 2-core Zen 2). The sums are Q8_0's sums: each
-//! block's integer dot product is exact, only the order of the f32 additions differs.
+//! 2.7 ms here for a [9216, 3072] matrix on a 2-core Zen 2). With VNNI it is still slower than
+//! these strips (bench checkpoint on a 2-core Zen 4: flow head 113 ms a frame against 81 ms,
+//! prefill 0.67 s against 0.39 s). The sums are Q8_0's sums: each block's integer dot product
+//! is exact, only the order of the f32 additions differs.
 
 use candle_core::Result;
 use half::f16;
@@ -17,31 +20,63 @@ pub const STRIP: usize = 8;
 pub const BLOCK: usize = 32;
 /// Activation rows per pass over a strip's weights: each row holds one register of sums.
 const ROWS_PER_PASS: usize = 6;
+/// How far ahead of the weights being read the kernels ask for the next ones (bytes): one
+/// prefetch per 64-byte line. Without it, with six rows per pass, the flow head's weight
+/// stream stalls on memory (bench checkpoint, Zen 4, q8 flow head: 135 ms a frame without,
+/// 83 ms with 8 KiB; 4 to 32 KiB were level, 2 KiB was 13 % slower).
+pub(super) const PREFETCH: usize = 8192;
 
-/// Which int8 kernel `--quant q8` uses on the CPU.
+/// Which kernel the CPU's quantized projections use, decided once per process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Int8Kernel {
-    /// This module's, with AVX2 (x86-64 without VNNI).
-    Strips,
-    /// candle's Q8_0 (its packed VNNI kernels, or other architectures).
+pub enum CpuKernel {
+    /// This module's and [`int4`](super::int4)'s strips with AVX-512 VNNI's `vpdpbusd` on
+    /// 256-bit registers (one instruction per 4 × 8 byte products).
+    Vnni,
+    /// The same strips with AVX2's `maddubs` (x86-64 without VNNI).
+    Avx2,
+    /// candle's Q8_0 and Q4_1 kernels (other architectures, or on request).
     Candle,
 }
 
-impl Int8Kernel {
-    /// Decided once per process from the CPU's features; `VOXTRALD_INT8=strips|candle`
-    /// overrides it (for measuring one against the other).
+impl CpuKernel {
+    /// The fastest this CPU has; `VOXTRALD_KERNEL=vnni|avx2|candle` overrides it (for measuring
+    /// one against another; a choice the CPU cannot run falls back to the next one down).
     pub fn for_this_cpu() -> Self {
-        static KERNEL: std::sync::OnceLock<Int8Kernel> = std::sync::OnceLock::new();
+        static KERNEL: std::sync::OnceLock<CpuKernel> = std::sync::OnceLock::new();
         *KERNEL.get_or_init(|| {
-            let choice = match std::env::var("VOXTRALD_INT8").as_deref() {
-                Ok("strips") if avx2() => Self::Strips,
+            let best = Self::best();
+            let choice = match std::env::var("VOXTRALD_KERNEL").as_deref() {
                 Ok("candle") => Self::Candle,
-                _ if avx2() && !vnni() => Self::Strips,
-                _ => Self::Candle,
+                Ok("avx2") if avx2() => Self::Avx2,
+                _ => best,
             };
-            tracing::debug!(kernel = ?choice, "int8 kernel");
+            tracing::debug!(kernel = ?choice, "quantized CPU kernel");
             choice
         })
+    }
+
+    /// The fastest this CPU can run, without the override.
+    pub(super) fn best() -> Self {
+        if avx2() && vnni() {
+            Self::Vnni
+        } else if avx2() {
+            Self::Avx2
+        } else {
+            Self::Candle
+        }
+    }
+
+    /// The kernels this CPU can run, down to the plain code (`None`), for tests.
+    #[cfg(test)]
+    pub(super) fn all_here() -> Vec<Option<Self>> {
+        let mut all = vec![None];
+        if avx2() {
+            all.push(Some(Self::Avx2));
+        }
+        if avx2() && vnni() {
+            all.push(Some(Self::Vnni));
+        }
+        all
     }
 }
 
@@ -57,14 +92,17 @@ pub(super) fn avx2() -> bool {
     false
 }
 
+/// AVX-512 VNNI with its 256-bit forms (AVX-512VL). AVX-VNNI alone (client CPUs without
+/// AVX-512) takes the AVX2 kernel.
 #[cfg(target_arch = "x86_64")]
-fn vnni() -> bool {
-    (is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vnni"))
-        || is_x86_feature_detected!("avxvnni")
+pub(super) fn vnni() -> bool {
+    is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512vl")
+        && is_x86_feature_detected!("avx512vnni")
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn vnni() -> bool {
+pub(super) fn vnni() -> bool {
     false
 }
 
@@ -151,27 +189,38 @@ impl Q8Weights {
         (self.out, self.inp)
     }
 
-    /// `x` `[rows, inp]` (row-major) times the weights' transpose: `[rows, out]`.
+    /// `x` `[rows, inp]` (row-major) times the weights' transpose: `[rows, out]`, by this
+    /// CPU's kernel ([`CpuKernel::for_this_cpu`]; plain code where that is candle's).
     pub fn matmul(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
-        self.matmul_with(x, rows, avx2())
+        self.matmul_with(x, rows, Some(CpuKernel::for_this_cpu()))
     }
 
-    /// `vector`: the AVX2 kernel (the caller has checked the CPU has it), else plain code.
-    fn matmul_with(&self, x: &[f32], rows: usize, vector: bool) -> Result<Vec<f32>> {
-        let vector = vector && avx2();
+    /// By `kernel` if the CPU has it, else by plain code.
+    fn matmul_with(&self, x: &[f32], rows: usize, kernel: Option<CpuKernel>) -> Result<Vec<f32>> {
+        let kernel = kernel.filter(|k| match k {
+            CpuKernel::Vnni => avx2() && vnni(),
+            CpuKernel::Avx2 => avx2(),
+            CpuKernel::Candle => false,
+        });
         by_strips(
             x,
             rows,
             self.inp,
             self.out,
-            Extra::Magnitudes,
+            match kernel {
+                Some(CpuKernel::Vnni) => Extra::Biased,
+                _ => Extra::Magnitudes,
+            },
             |s, acts, y| {
                 #[cfg(target_arch = "x86_64")]
-                if vector {
-                    // SAFETY: the CPU has AVX2, FMA and F16C (checked before the loop).
-                    return unsafe { self.strip_avx2(s, acts, y) };
+                match kernel {
+                    // SAFETY: the CPU has AVX2, FMA, F16C and AVX-512 VNNI/VL (checked above).
+                    Some(CpuKernel::Vnni) => return unsafe { self.strip_vnni(s, acts, y) },
+                    // SAFETY: the CPU has AVX2, FMA and F16C (checked above).
+                    Some(CpuKernel::Avx2) => return unsafe { self.strip_avx2(s, acts, y) },
+                    _ => {}
                 }
-                let _ = vector;
+                let _ = kernel;
                 self.strip_plain(s, acts, y)
             },
         )
@@ -251,6 +300,9 @@ impl Q8Weights {
             for g in 0..BLOCK / 4 {
                 let at = b * BLOCK / 4 + g;
                 let w = _mm256_loadu_si256(tiles.add(at * STRIP * 4) as *const __m256i);
+                if g % 2 == 0 {
+                    prefetch(tiles.wrapping_add(at * STRIP * 4 + PREFETCH));
+                }
                 for i in 0..R {
                     let xs = _mm256_set1_epi32(signed[i].add(at).read_unaligned());
                     let xm = _mm256_set1_epi32(magnitude[i].add(at).read_unaligned());
@@ -270,13 +322,100 @@ impl Q8Weights {
             dst.put(r0 + i, &lanes);
         }
     }
+
+    /// [`Self::strip_avx2`] with VNNI: up to [`ROWS_PER_PASS`] rows per pass.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+    unsafe fn strip_vnni(&self, s: usize, a: &Activations, dst: &StripOut) {
+        let mut r = 0;
+        while r < a.rows {
+            let n = ROWS_PER_PASS.min(a.rows - r);
+            match n {
+                1 => self.rows_vnni::<1>(s, a, r, dst),
+                2 => self.rows_vnni::<2>(s, a, r, dst),
+                3 => self.rows_vnni::<3>(s, a, r, dst),
+                4 => self.rows_vnni::<4>(s, a, r, dst),
+                5 => self.rows_vnni::<5>(s, a, r, dst),
+                _ => self.rows_vnni::<ROWS_PER_PASS>(s, a, r, dst),
+            }
+            r += n;
+        }
+    }
+
+    /// [`Self::rows_avx2`] with `vpdpbusd`, which multiplies unsigned by signed bytes: the
+    /// activations come offset by 128 (unsigned), and one more `vpdpbusd` per group, shared by
+    /// all rows, sums 128 × the weights to take off at the end of each block. One activation
+    /// byte per input (not AVX2's two) keeps six rows of a 3072-wide input in L1.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+    #[inline]
+    unsafe fn rows_vnni<const R: usize>(
+        &self,
+        s: usize,
+        a: &Activations,
+        r0: usize,
+        dst: &StripOut,
+    ) {
+        use std::arch::x86_64::*;
+        debug_assert!(r0 + R <= a.rows);
+        let offset = _mm256_set1_epi8(-128);
+        let mut acc = [_mm256_setzero_ps(); R];
+        // SAFETY (pointer arithmetic below): as in `rows_avx2`, with `biased` holding `inp`
+        // bytes per row.
+        let tiles = self.quants.as_ptr().add(s * self.blocks * STRIP * BLOCK);
+        let scales = self.scales.as_ptr().add(s * self.blocks * STRIP);
+        let biased: [*const i32; R] =
+            std::array::from_fn(|i| a.biased.as_ptr().add((r0 + i) * self.inp) as *const i32);
+        for b in 0..self.blocks {
+            // Two chains of sums per row (even and odd groups), so that `vpdpbusd`'s latency
+            // overlaps.
+            let mut even = [_mm256_setzero_si256(); R];
+            let mut odd = [_mm256_setzero_si256(); R];
+            let mut excess = _mm256_setzero_si256();
+            for g in (0..BLOCK / 4).step_by(2) {
+                let at = b * BLOCK / 4 + g;
+                let w0 = _mm256_loadu_si256(tiles.add(at * STRIP * 4) as *const __m256i);
+                let w1 = _mm256_loadu_si256(tiles.add((at + 1) * STRIP * 4) as *const __m256i);
+                prefetch(tiles.wrapping_add(at * STRIP * 4 + PREFETCH));
+                excess = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(excess, offset, w0), offset, w1);
+                for i in 0..R {
+                    let x0 = _mm256_set1_epi32(biased[i].add(at).read_unaligned());
+                    let x1 = _mm256_set1_epi32(biased[i].add(at + 1).read_unaligned());
+                    even[i] = _mm256_dpbusd_epi32(even[i], x0, w0);
+                    odd[i] = _mm256_dpbusd_epi32(odd[i], x1, w1);
+                }
+            }
+            let dw = _mm256_cvtph_ps(_mm_loadu_si128(scales.add(b * STRIP) as *const __m128i));
+            for i in 0..R {
+                let d = _mm256_mul_ps(dw, _mm256_set1_ps(a.scales[(r0 + i) * self.blocks + b]));
+                let total = _mm256_sub_epi32(_mm256_add_epi32(even[i], odd[i]), excess);
+                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), d, acc[i]);
+            }
+        }
+        for (i, acc) in acc.iter().enumerate() {
+            let mut lanes = [0f32; STRIP];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), *acc);
+            dst.put(r0 + i, &lanes);
+        }
+    }
+}
+
+/// Asks for the cache line at `at` (a hint: any address is allowed, none is dereferenced).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(super) fn prefetch<T>(at: *const T) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    // SAFETY: prefetching never faults, whatever the address.
+    unsafe { _mm_prefetch::<_MM_HINT_T0>(at as *const i8) }
 }
 
 /// What a kernel reads beyond the quantized activations and their scales.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Extra {
-    /// The values' magnitudes, for the unsigned side of int8 × int8 products.
+    /// The values' magnitudes, for the unsigned side of AVX2's int8 × int8 products.
     Magnitudes,
+    /// The values plus 128 (unsigned), for VNNI's int8 × int8 products.
+    Biased,
     /// Q8_1's per-block sums, which 4-bit minimums multiply.
     Sums,
 }
@@ -288,6 +427,7 @@ pub(super) struct Activations {
     pub(super) rows: usize,
     pub(super) quants: Vec<i8>,
     pub(super) magnitudes: Vec<u8>,
+    pub(super) biased: Vec<u8>,
     /// Per row and block, the scale as Q8_0 stores it (through f16).
     pub(super) scales: Vec<f32>,
     /// Per row and block, Q8_1's `s`: the scale times the sum of the block's values, in f16
@@ -303,11 +443,13 @@ impl Activations {
         let blocks = rows * inp / BLOCK;
         self.quants.resize(rows * inp, 0);
         self.scales.resize(blocks, 0.0);
-        let (magnitudes, sums) = match extra {
-            Extra::Magnitudes => (rows * inp, 0),
-            Extra::Sums => (0, blocks),
+        let (magnitudes, biased, sums) = match extra {
+            Extra::Magnitudes => (rows * inp, 0, 0),
+            Extra::Biased => (0, rows * inp, 0),
+            Extra::Sums => (0, 0, blocks),
         };
         self.magnitudes.resize(magnitudes, 0);
+        self.biased.resize(biased, 0);
         self.sums.resize(sums, 0.0);
         for (b, (xs, q)) in x
             .chunks_exact(BLOCK)
@@ -321,6 +463,12 @@ impl Activations {
                     let m = &mut self.magnitudes[b * BLOCK..][..BLOCK];
                     for (m, &q) in m.iter_mut().zip(q.iter()) {
                         *m = q.unsigned_abs();
+                    }
+                }
+                Extra::Biased => {
+                    let u = &mut self.biased[b * BLOCK..][..BLOCK];
+                    for (u, &q) in u.iter_mut().zip(q.iter()) {
+                        *u = (q as u8) ^ 0x80;
                     }
                 }
                 Extra::Sums => {
@@ -458,14 +606,14 @@ pub(super) mod tests {
                     .unwrap()
                     .to_vec1()
                     .unwrap();
-                // The plain code everywhere, the AVX2 kernel where the CPU has it.
-                for vector in [false, avx2()] {
-                    let got = mine.matmul_with(&x, rows, vector).unwrap();
+                // The plain code everywhere, each vector kernel where the CPU has it.
+                for kernel in CpuKernel::all_here() {
+                    let got = mine.matmul_with(&x, rows, kernel).unwrap();
                     assert_eq!(got.len(), want.len());
                     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                         assert!(
                             (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
-                            "vector {vector}: [{out}, {inp}] x {rows} rows, output {i}: {g} against {w}"
+                            "{kernel:?}: [{out}, {inp}] x {rows} rows, output {i}: {g} against {w}"
                         );
                     }
                 }

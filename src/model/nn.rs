@@ -6,7 +6,7 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{linear_no_bias, Linear, VarBuilder};
 
 use super::int4::Q4Weights;
-use super::int8::{Int8Kernel, Q8Weights};
+use super::int8::{CpuKernel, Q8Weights};
 
 /// Weight storage for the big projections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
@@ -44,9 +44,9 @@ pub enum Proj {
     DenseFewRows(Linear),
     /// Int8 or 4-bit blocks (`--quant q8|q4`), by candle's kernels.
     Quantized(QMatMul),
-    /// Int8 blocks by [`int8`](super::int8)'s kernel (`--quant q8` on an AVX2 CPU without VNNI).
+    /// Int8 blocks by [`int8`](super::int8)'s kernels (`--quant q8` on an x86 CPU with AVX2).
     Int8(std::sync::Arc<Q8Weights>),
-    /// 4-bit blocks by [`int4`](super::int4)'s kernel (`--quant q4` on an AVX2 CPU).
+    /// 4-bit blocks by [`int4`](super::int4)'s kernels (`--quant q4` on an x86 CPU with AVX2).
     Int4(std::sync::Arc<Q4Weights>),
 }
 
@@ -79,16 +79,14 @@ impl Proj {
             let device = w.device().clone();
             // The values on the host, the tensor dropped: the packers read plain slices.
             let host = |w: Tensor| w.flatten_all()?.to_vec1::<f32>();
-            if format == GgmlDType::Q8_0
-                && device.is_cpu()
-                && Int8Kernel::for_this_cpu() == Int8Kernel::Strips
-            {
+            let own_kernel = device.is_cpu() && CpuKernel::for_this_cpu() != CpuKernel::Candle;
+            if format == GgmlDType::Q8_0 && own_kernel {
                 let packed = Q8Weights::quantize(&host(w)?, out_dim, in_dim)?;
                 return Ok(Proj::Int8(std::sync::Arc::new(packed)));
             }
             if format == GgmlDType::Q4_1 {
                 let packed = Q4Weights::quantize(&host(w)?, out_dim, in_dim)?;
-                if device.is_cpu() && Q4Weights::kernel_available() {
+                if own_kernel {
                     return Ok(Proj::Int4(std::sync::Arc::new(packed)));
                 }
                 // Elsewhere the same blocks through candle's Q4_1 kernel.
