@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod codec;
 pub mod config;
 pub mod device;
+pub mod few_rows;
 pub mod flow;
 pub mod int4;
 pub mod int8;

@@ -5,6 +5,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{linear_no_bias, Linear, VarBuilder};
 
+use super::few_rows;
 use super::int4::Q4Weights;
 use super::int8::{CpuKernel, Q8Weights};
 
@@ -130,6 +131,13 @@ impl Module for Proj {
                 if rows > SMALL_BATCH_ROWS || !x.device().is_cpu() {
                     return l.forward(x);
                 }
+                let w = l.weight();
+                if x.dtype() == DType::F32 && w.dtype() == DType::F32 && few_rows::available() {
+                    let out = w.dim(0)?;
+                    return with_host_f32(w, |w| {
+                        by_rows(x, (out, k), |rows, n| few_rows::matmul(w, out, rows, n))
+                    });
+                }
                 let xt = x.reshape((rows, k))?.t()?.contiguous()?;
                 let y = l.weight().matmul(&xt)?.t()?.contiguous()?; // [rows, out]
                 let mut shape = dims.to_vec();
@@ -160,18 +168,22 @@ fn by_rows(
     if let Some(last) = shape.last_mut() {
         *last = out;
     }
-    let f32s = x.to_dtype(DType::F32)?.contiguous()?;
-    let y = {
-        let (storage, layout) = f32s.storage_and_layout();
-        let candle_core::Storage::Cpu(cpu) = &*storage else {
-            candle_core::bail!("CPU-packed weights given a tensor on {:?}", x.device());
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("CPU-packed weights given non-contiguous rows");
-        };
-        kernel(&cpu.as_slice::<f32>()?[start..end], rows)?
-    };
+    let y = with_host_f32(&x.to_dtype(DType::F32)?, |x| kernel(x, rows))?;
     Tensor::from_vec(y, shape, x.device())?.to_dtype(x.dtype())
+}
+
+/// `f` on `t`'s values as one f32 slice, read in place where `t` is f32 and contiguous on the
+/// CPU (copied into a contiguous tensor first otherwise).
+fn with_host_f32<T>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
+    let t = t.to_dtype(DType::F32)?.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("a CPU kernel given a tensor on {:?}", t.device());
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("a CPU kernel given non-contiguous values");
+    };
+    f(&cpu.as_slice::<f32>()?[start..end])
 }
 
 /// RMSNorm whose reduction always runs in f32, whatever the activation dtype.
