@@ -16,8 +16,8 @@ use half::f16;
 use rayon::prelude::*;
 
 use super::int8::{
-    avx2, by_strips, prefetch, round_away, vnni, Activations, CpuKernel, Extra, StripOut, BLOCK,
-    PREFETCH, STRIP,
+    avx2, by_strips, padded_strips, prefetch, round_away, vnni, Activations, CpuKernel, Extra,
+    StripOut, BLOCK, PREFETCH, STRIP,
 };
 
 /// Activation rows per pass over a strip's weights (AVX2: 16 registers).
@@ -168,7 +168,7 @@ impl Q4Weights {
             );
         }
         let blocks = inp / BLOCK;
-        let strips = out.div_ceil(STRIP);
+        let strips = padded_strips(out);
         let mut quants = vec![0u8; strips * blocks * TILE];
         let mut scales = vec![0u16; strips * blocks * 2 * STRIP];
         quants
@@ -176,7 +176,7 @@ impl Q4Weights {
             .zip(scales.par_chunks_mut(blocks * 2 * STRIP))
             .enumerate()
             .for_each(|(s, (quants, scales))| {
-                for lane in 0..STRIP.min(out - s * STRIP) {
+                for lane in 0..STRIP.min(out.saturating_sub(s * STRIP)) {
                     let row = &w[(s * STRIP + lane) * inp..][..inp];
                     for (b, xs) in row.chunks_exact(BLOCK).enumerate() {
                         let block = Q4Block::quantize(xs);
@@ -248,18 +248,37 @@ impl Q4Weights {
             CpuKernel::Avx2 => avx2(),
             CpuKernel::Candle => false,
         });
-        by_strips(x, rows, self.inp, self.out, Extra::Sums, |s, acts, y| {
-            #[cfg(target_arch = "x86_64")]
-            match kernel {
-                // SAFETY: the CPU has AVX2, FMA, F16C and AVX-512 VNNI/VL (checked above).
-                Some(CpuKernel::Vnni) => return unsafe { self.strip_vnni(s, acts, y) },
-                // SAFETY: the CPU has AVX2, FMA and F16C (checked above).
-                Some(CpuKernel::Avx2) => return unsafe { self.strip_avx2(s, acts, y) },
-                _ => {}
-            }
-            let _ = kernel;
-            self.strip_plain(s, acts, y)
-        })
+        let kernel = match kernel {
+            // One row (a backbone step) is bound by memory, and one stream of weights per
+            // thread reads faster than the VNNI kernel's two (bench checkpoint, Zen 4: q8
+            // backbone step 11.4 against 15.1 ms, q4 11.2 against 12.7).
+            Some(CpuKernel::Vnni) if rows == 1 => Some(CpuKernel::Avx2),
+            k => k,
+        };
+        let width = if kernel == Some(CpuKernel::Vnni) {
+            2
+        } else {
+            1
+        };
+        by_strips(
+            x,
+            rows,
+            self.inp,
+            self.out,
+            (Extra::Sums, width),
+            |s, acts, y| {
+                #[cfg(target_arch = "x86_64")]
+                match kernel {
+                    // SAFETY: the CPU has AVX2, FMA, F16C and AVX-512 VNNI/VL (checked above).
+                    Some(CpuKernel::Vnni) => return unsafe { self.strip_vnni(s, acts, y) },
+                    // SAFETY: the CPU has AVX2, FMA and F16C (checked above).
+                    Some(CpuKernel::Avx2) => return unsafe { self.strip_avx2(s, acts, y) },
+                    _ => {}
+                }
+                let _ = kernel;
+                self.strip_plain(s, acts, y)
+            },
+        )
     }
 
     /// The same sums in plain code: the fallback, and what the vector kernels are tested
@@ -368,9 +387,10 @@ impl Q4Weights {
         }
     }
 
-    /// [`Self::strip_avx2`] with VNNI: up to [`ROWS_PER_PASS_VNNI`] rows per pass.
+    /// [`Self::strip_avx2`] with AVX-512 VNNI, for strips `s` and `s + 1` at once (the weights
+    /// are padded to an even number of strips).
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
     unsafe fn strip_vnni(&self, s: usize, a: &Activations, dst: &StripOut) {
         let mut r = 0;
         while r < a.rows {
@@ -387,10 +407,12 @@ impl Q4Weights {
         }
     }
 
-    /// [`Self::rows_avx2`] with `vpdpbusd`: the unsigned nibbles times the signed activation
-    /// bytes, four products summed into each i32 lane by one instruction.
+    /// Rows `r0..r0 + R` of strips `s` and `s + 1` (one 512-bit register of 16 outputs) with
+    /// `vpdpbusd`: the unsigned nibbles times the signed activation bytes, four products into
+    /// each i32 lane, with separate chains for low and high nibbles so that its latency
+    /// overlaps.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
     #[inline]
     unsafe fn rows_vnni<const R: usize>(
         &self,
@@ -400,52 +422,58 @@ impl Q4Weights {
         dst: &StripOut,
     ) {
         use std::arch::x86_64::*;
-        debug_assert!(r0 + R <= a.rows);
-        let nibble = _mm256_set1_epi8(0x0F);
-        let mut acc = [_mm256_setzero_ps(); R];
-        // SAFETY (pointer arithmetic below): as in `rows_avx2`.
-        let tiles = self.quants.as_ptr().add(s * self.blocks * TILE);
-        let scales = self.scales.as_ptr().add(s * self.blocks * 2 * STRIP);
+        debug_assert!(r0 + R <= a.rows && s + 1 < padded_strips(self.out));
+        let nibble = _mm512_set1_epi8(0x0F);
+        let mut acc = [_mm512_setzero_ps(); R];
+        // SAFETY (pointer arithmetic below): a strip holds `blocks` tiles of TILE bytes and
+        // `blocks * 2 * STRIP` scales, strip `s + 1` exists (padding), and each activation row
+        // holds `inp` bytes.
+        let tiles = [s, s + 1].map(|s| self.quants.as_ptr().add(s * self.blocks * TILE));
+        let scales = [s, s + 1].map(|s| self.scales.as_ptr().add(s * self.blocks * 2 * STRIP));
         let xs: [*const i32; R] =
             std::array::from_fn(|i| a.quants.as_ptr().add((r0 + i) * self.inp) as *const i32);
+        let pair = |at: [*const u16; 2]| {
+            let [h0, h1] = at.map(|p| _mm_loadu_si128(p as *const __m128i));
+            _mm512_cvtph_ps(_mm256_inserti128_si256::<1>(_mm256_castsi128_si256(h0), h1))
+        };
         for b in 0..self.blocks {
-            // Two chains of sums per row (low and high nibbles), so that `vpdpbusd`'s latency
-            // overlaps.
-            let mut lows = [_mm256_setzero_si256(); R];
-            let mut highs = [_mm256_setzero_si256(); R];
+            let mut lows = [_mm512_setzero_si512(); R];
+            let mut highs = [_mm512_setzero_si512(); R];
             for p in 0..4 {
-                let v = _mm256_loadu_si256(tiles.add(b * TILE + p * 32) as *const __m256i);
+                let at = b * TILE + p * 32;
+                let [v0, v1] = tiles.map(|t| _mm256_loadu_si256(t.add(at) as *const __m256i));
+                let v = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(v0), v1);
                 if p % 2 == 0 {
-                    prefetch(tiles.wrapping_add(b * TILE + p * 32 + PREFETCH));
+                    tiles
+                        .iter()
+                        .for_each(|t| prefetch(t.wrapping_add(at + PREFETCH)));
                 }
-                let low = _mm256_and_si256(v, nibble);
-                let high = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
-                let at = b * BLOCK / 4 + 2 * p;
+                let low = _mm512_and_si512(v, nibble);
+                let high = _mm512_and_si512(_mm512_srli_epi16::<4>(v), nibble);
+                let word = b * BLOCK / 4 + 2 * p;
                 for i in 0..R {
-                    let x0 = _mm256_set1_epi32(xs[i].add(at).read_unaligned());
-                    let x1 = _mm256_set1_epi32(xs[i].add(at + 1).read_unaligned());
-                    lows[i] = _mm256_dpbusd_epi32(lows[i], low, x0);
-                    highs[i] = _mm256_dpbusd_epi32(highs[i], high, x1);
+                    let x0 = _mm512_set1_epi32(xs[i].add(word).read_unaligned());
+                    let x1 = _mm512_set1_epi32(xs[i].add(word + 1).read_unaligned());
+                    lows[i] = _mm512_dpbusd_epi32(lows[i], low, x0);
+                    highs[i] = _mm512_dpbusd_epi32(highs[i], high, x1);
                 }
             }
-            let d = _mm256_cvtph_ps(_mm_loadu_si128(scales.add(b * 2 * STRIP) as *const __m128i));
-            let m = _mm256_cvtph_ps(_mm_loadu_si128(
-                scales.add(b * 2 * STRIP + STRIP) as *const __m128i
-            ));
+            let d = pair(scales.map(|sc| sc.add(b * 2 * STRIP)));
+            let m = pair(scales.map(|sc| sc.add(b * 2 * STRIP + STRIP)));
             for i in 0..R {
                 let at = (r0 + i) * self.blocks + b;
-                let dxd = _mm256_mul_ps(d, _mm256_set1_ps(a.scales[at]));
-                let dot = _mm256_cvtepi32_ps(_mm256_add_epi32(lows[i], highs[i]));
-                acc[i] = _mm256_fmadd_ps(
+                let dxd = _mm512_mul_ps(d, _mm512_set1_ps(a.scales[at]));
+                let dot = _mm512_cvtepi32_ps(_mm512_add_epi32(lows[i], highs[i]));
+                acc[i] = _mm512_fmadd_ps(
                     m,
-                    _mm256_set1_ps(a.sums[at]),
-                    _mm256_fmadd_ps(dot, dxd, acc[i]),
+                    _mm512_set1_ps(a.sums[at]),
+                    _mm512_fmadd_ps(dot, dxd, acc[i]),
                 );
             }
         }
         for (i, acc) in acc.iter().enumerate() {
-            let mut lanes = [0f32; STRIP];
-            _mm256_storeu_ps(lanes.as_mut_ptr(), *acc);
+            let mut lanes = [0f32; 2 * STRIP];
+            _mm512_storeu_ps(lanes.as_mut_ptr(), *acc);
             dst.put(r0 + i, &lanes);
         }
     }

@@ -20,6 +20,9 @@ pub const STRIP: usize = 8;
 pub const BLOCK: usize = 32;
 /// Activation rows per pass over a strip's weights: each row holds one register of sums.
 const ROWS_PER_PASS: usize = 6;
+/// The same with AVX-512 VNNI (8 was slower: 161 rows at 320 against 340 G products a
+/// second, bench-sized matrix, 2-core Zen 4).
+const ROWS_PER_PASS_VNNI: usize = 6;
 /// How far ahead of the weights being read the kernels ask for the next ones (bytes): one
 /// prefetch per 64-byte line. Without it, with six rows per pass, the flow head's weight
 /// stream stalls on memory (bench checkpoint, Zen 4, q8 flow head: 135 ms a frame without,
@@ -92,11 +95,12 @@ pub(super) fn avx2() -> bool {
     false
 }
 
-/// AVX-512 VNNI with its 256-bit forms (AVX-512VL). AVX-VNNI alone (client CPUs without
+/// AVX-512 VNNI, with the byte operations (BW) and 256-bit forms (VL). AVX-VNNI alone (client CPUs without
 /// AVX-512) takes the AVX2 kernel.
 #[cfg(target_arch = "x86_64")]
 pub(super) fn vnni() -> bool {
     is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
         && is_x86_feature_detected!("avx512vl")
         && is_x86_feature_detected!("avx512vnni")
 }
@@ -104,6 +108,12 @@ pub(super) fn vnni() -> bool {
 #[cfg(not(target_arch = "x86_64"))]
 pub(super) fn vnni() -> bool {
     false
+}
+
+/// Strips for `out` outputs, rounded up to an even count: the VNNI kernels read strips in
+/// pairs (one 512-bit register), and a last, odd strip is paired with zeros.
+pub(super) fn padded_strips(out: usize) -> usize {
+    out.div_ceil(2 * STRIP) * 2
 }
 
 /// A weight matrix `[out, inp]` in strips of eight outputs.
@@ -155,7 +165,7 @@ impl Q8Weights {
             );
         }
         let blocks = inp / BLOCK;
-        let strips = out.div_ceil(STRIP);
+        let strips = padded_strips(out);
         let mut quants = vec![0i8; strips * blocks * STRIP * BLOCK];
         let mut scales = vec![0u16; strips * blocks * STRIP];
         quants
@@ -164,7 +174,7 @@ impl Q8Weights {
             .enumerate()
             .for_each(|(s, (quants, scales))| {
                 let mut q = [0i8; BLOCK];
-                for lane in 0..STRIP.min(out - s * STRIP) {
+                for lane in 0..STRIP.min(out.saturating_sub(s * STRIP)) {
                     let row = &w[(s * STRIP + lane) * inp..][..inp];
                     for (b, xs) in row.chunks_exact(BLOCK).enumerate() {
                         let d = quantize_block(xs, &mut q);
@@ -202,14 +212,21 @@ impl Q8Weights {
             CpuKernel::Avx2 => avx2(),
             CpuKernel::Candle => false,
         });
+        let kernel = match kernel {
+            // One row (a backbone step) is bound by memory, and one stream of weights per
+            // thread reads faster than the VNNI kernel's two (bench checkpoint, Zen 4: q8
+            // backbone step 11.4 against 15.1 ms, q4 11.2 against 12.7).
+            Some(CpuKernel::Vnni) if rows == 1 => Some(CpuKernel::Avx2),
+            k => k,
+        };
         by_strips(
             x,
             rows,
             self.inp,
             self.out,
             match kernel {
-                Some(CpuKernel::Vnni) => Extra::Biased,
-                _ => Extra::Magnitudes,
+                Some(CpuKernel::Vnni) => (Extra::Biased, 2),
+                _ => (Extra::Magnitudes, 1),
             },
             |s, acts, y| {
                 #[cfg(target_arch = "x86_64")]
@@ -323,31 +340,33 @@ impl Q8Weights {
         }
     }
 
-    /// [`Self::strip_avx2`] with VNNI: up to [`ROWS_PER_PASS`] rows per pass.
+    /// [`Self::strip_avx2`] with AVX-512 VNNI, for strips `s` and `s + 1` at once (the weights
+    /// are padded to an even number of strips).
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
     unsafe fn strip_vnni(&self, s: usize, a: &Activations, dst: &StripOut) {
         let mut r = 0;
         while r < a.rows {
-            let n = ROWS_PER_PASS.min(a.rows - r);
+            let n = ROWS_PER_PASS_VNNI.min(a.rows - r);
             match n {
                 1 => self.rows_vnni::<1>(s, a, r, dst),
                 2 => self.rows_vnni::<2>(s, a, r, dst),
                 3 => self.rows_vnni::<3>(s, a, r, dst),
                 4 => self.rows_vnni::<4>(s, a, r, dst),
                 5 => self.rows_vnni::<5>(s, a, r, dst),
-                _ => self.rows_vnni::<ROWS_PER_PASS>(s, a, r, dst),
+                _ => self.rows_vnni::<ROWS_PER_PASS_VNNI>(s, a, r, dst),
             }
             r += n;
         }
     }
 
-    /// [`Self::rows_avx2`] with `vpdpbusd`, which multiplies unsigned by signed bytes: the
-    /// activations come offset by 128 (unsigned), and one more `vpdpbusd` per group, shared by
-    /// all rows, sums 128 × the weights to take off at the end of each block. One activation
-    /// byte per input (not AVX2's two) keeps six rows of a 3072-wide input in L1.
+    /// Rows `r0..r0 + R` of strips `s` and `s + 1`, one 512-bit register of 16 outputs.
+    /// `vpdpbusd` multiplies unsigned by signed bytes: the activations come offset by 128
+    /// (unsigned, one byte per input, so six rows of a 3072-wide input stay in L1), and one
+    /// more `vpdpbusd` per group, shared by all rows, sums 128 × the weights to take off at the
+    /// end of each block. A broadcast activation word serves 16 outputs (AVX2's serves 8).
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
     #[inline]
     unsafe fn rows_vnni<const R: usize>(
         &self,
@@ -357,44 +376,46 @@ impl Q8Weights {
         dst: &StripOut,
     ) {
         use std::arch::x86_64::*;
-        debug_assert!(r0 + R <= a.rows);
-        let offset = _mm256_set1_epi8(-128);
-        let mut acc = [_mm256_setzero_ps(); R];
-        // SAFETY (pointer arithmetic below): as in `rows_avx2`, with `biased` holding `inp`
-        // bytes per row.
-        let tiles = self.quants.as_ptr().add(s * self.blocks * STRIP * BLOCK);
-        let scales = self.scales.as_ptr().add(s * self.blocks * STRIP);
+        debug_assert!(r0 + R <= a.rows && s + 1 < padded_strips(self.out));
+        let offset = _mm512_set1_epi8(-128);
+        let mut acc = [_mm512_setzero_ps(); R];
+        // SAFETY (pointer arithmetic below): a strip holds `blocks` tiles of STRIP * BLOCK
+        // bytes and `blocks * STRIP` scales, strip `s + 1` exists (padding), and each row of
+        // `biased` holds `inp` bytes.
+        let stride = self.blocks * STRIP * BLOCK;
+        let tiles = [s, s + 1].map(|s| self.quants.as_ptr().add(s * stride));
+        let scales = [s, s + 1].map(|s| self.scales.as_ptr().add(s * self.blocks * STRIP));
         let biased: [*const i32; R] =
             std::array::from_fn(|i| a.biased.as_ptr().add((r0 + i) * self.inp) as *const i32);
         for b in 0..self.blocks {
-            // Two chains of sums per row (even and odd groups), so that `vpdpbusd`'s latency
-            // overlaps.
-            let mut even = [_mm256_setzero_si256(); R];
-            let mut odd = [_mm256_setzero_si256(); R];
-            let mut excess = _mm256_setzero_si256();
-            for g in (0..BLOCK / 4).step_by(2) {
-                let at = b * BLOCK / 4 + g;
-                let w0 = _mm256_loadu_si256(tiles.add(at * STRIP * 4) as *const __m256i);
-                let w1 = _mm256_loadu_si256(tiles.add((at + 1) * STRIP * 4) as *const __m256i);
-                prefetch(tiles.wrapping_add(at * STRIP * 4 + PREFETCH));
-                excess = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(excess, offset, w0), offset, w1);
+            let mut sums = [_mm512_setzero_si512(); R];
+            let mut excess = _mm512_setzero_si512();
+            for g in 0..BLOCK / 4 {
+                let at = (b * BLOCK / 4 + g) * STRIP * 4;
+                let [w0, w1] = tiles.map(|t| _mm256_loadu_si256(t.add(at) as *const __m256i));
+                let w = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(w0), w1);
+                if g % 2 == 0 {
+                    tiles
+                        .iter()
+                        .for_each(|t| prefetch(t.wrapping_add(at + PREFETCH)));
+                }
+                excess = _mm512_dpbusd_epi32(excess, offset, w);
                 for i in 0..R {
-                    let x0 = _mm256_set1_epi32(biased[i].add(at).read_unaligned());
-                    let x1 = _mm256_set1_epi32(biased[i].add(at + 1).read_unaligned());
-                    even[i] = _mm256_dpbusd_epi32(even[i], x0, w0);
-                    odd[i] = _mm256_dpbusd_epi32(odd[i], x1, w1);
+                    let x = _mm512_set1_epi32(biased[i].add(b * BLOCK / 4 + g).read_unaligned());
+                    sums[i] = _mm512_dpbusd_epi32(sums[i], x, w);
                 }
             }
-            let dw = _mm256_cvtph_ps(_mm_loadu_si128(scales.add(b * STRIP) as *const __m128i));
+            let [d0, d1] = scales.map(|sc| _mm_loadu_si128(sc.add(b * STRIP) as *const __m128i));
+            let dw = _mm512_cvtph_ps(_mm256_inserti128_si256::<1>(_mm256_castsi128_si256(d0), d1));
             for i in 0..R {
-                let d = _mm256_mul_ps(dw, _mm256_set1_ps(a.scales[(r0 + i) * self.blocks + b]));
-                let total = _mm256_sub_epi32(_mm256_add_epi32(even[i], odd[i]), excess);
-                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), d, acc[i]);
+                let d = _mm512_mul_ps(dw, _mm512_set1_ps(a.scales[(r0 + i) * self.blocks + b]));
+                let total = _mm512_sub_epi32(sums[i], excess);
+                acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), d, acc[i]);
             }
         }
         for (i, acc) in acc.iter().enumerate() {
-            let mut lanes = [0f32; STRIP];
-            _mm256_storeu_ps(lanes.as_mut_ptr(), *acc);
+            let mut lanes = [0f32; 2 * STRIP];
+            _mm512_storeu_ps(lanes.as_mut_ptr(), *acc);
             dst.put(r0 + i, &lanes);
         }
     }
@@ -497,36 +518,38 @@ struct SharedOut {
 // so no two threads write the same element.
 unsafe impl Sync for SharedOut {}
 
-/// Where one strip writes its outputs: its own eight columns of every row.
+/// Where one call writes its outputs: the eight columns of each of its strips (one, or two
+/// adjacent ones for the 512-bit kernels), in every row.
 pub(super) struct StripOut<'a> {
     shared: &'a SharedOut,
     strip: usize,
+    strips: usize,
 }
 
 impl StripOut<'_> {
-    /// Row `r`'s outputs of this strip (the lanes past `out` of a last, partial strip are
-    /// dropped).
+    /// Row `r`'s outputs of these strips, eight lanes a strip: lanes past this handle's
+    /// strips (a kernel's padding strip) or past `out` (a last, partial strip) are dropped.
     #[inline]
-    pub(super) fn put(&self, r: usize, lanes: &[f32; STRIP]) {
+    pub(super) fn put(&self, r: usize, lanes: &[f32]) {
         let SharedOut { ptr, rows, out } = *self.shared;
         let first = self.strip * STRIP;
         assert!(r < rows && first < out, "strip output out of range");
-        let n = STRIP.min(out - first);
-        // SAFETY: in bounds (checked above); this strip's columns are written by this handle
+        let n = lanes.len().min(self.strips * STRIP).min(out - first);
+        // SAFETY: in bounds (checked above); these strips' columns are written by this handle
         // only (see `SharedOut`).
         unsafe { std::ptr::copy_nonoverlapping(lanes.as_ptr(), ptr.add(r * out + first), n) }
     }
 }
 
 /// `x` `[rows, inp]` quantized once (into this thread's scratch), then `strip(s, acts, y)`
-/// for every strip of eight outputs in parallel; returns `[rows, out]`. The only allocation
-/// is the result.
+/// in parallel for every `width` strips of eight outputs (`y` covers strips `s..s + width`, or
+/// fewer at the end); returns `[rows, out]`. The only allocation is the result.
 pub(super) fn by_strips(
     x: &[f32],
     rows: usize,
     inp: usize,
     out: usize,
-    extra: Extra,
+    (extra, width): (Extra, usize),
     strip: impl Fn(usize, &Activations, &StripOut) + Sync,
 ) -> Result<Vec<f32>> {
     if x.len() != rows * inp || inp == 0 || !inp.is_multiple_of(BLOCK) {
@@ -541,14 +564,18 @@ pub(super) fn by_strips(
         rows,
         out,
     };
+    let strips = out.div_ceil(STRIP);
+    let width = width.max(1);
     let run = |acts: &Activations| {
-        (0..out.div_ceil(STRIP))
+        (0..strips.div_ceil(width))
             .into_par_iter()
-            .with_min_len(16)
-            .for_each(|s| {
+            .with_min_len(16 / width)
+            .for_each(|unit| {
+                let s = unit * width;
                 let dst = StripOut {
                     shared: &shared,
                     strip: s,
+                    strips: width.min(strips - s),
                 };
                 strip(s, acts, &dst)
             });
