@@ -16,7 +16,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use super::int8::{
-    avx2, by_strips, padded_strips, prefetch, round_away, vnni, Activations, CpuKernel, Extra,
+    by_strips, in_passes, padded_strips, prefetch, round_away, Activations, CpuKernel, Extra,
     StripOut, BLOCK, PREFETCH, STRIP,
 };
 
@@ -243,18 +243,7 @@ impl Q4Weights {
 
     /// By `kernel` if the CPU has it, else by plain code.
     fn matmul_with(&self, x: &[f32], rows: usize, kernel: Option<CpuKernel>) -> Result<Vec<f32>> {
-        let kernel = kernel.filter(|k| match k {
-            CpuKernel::Vnni => avx2() && vnni(),
-            CpuKernel::Avx2 => avx2(),
-            CpuKernel::Candle => false,
-        });
-        let kernel = match kernel {
-            // One row (a backbone step) is bound by memory, and one stream of weights per
-            // thread reads faster than the VNNI kernel's two (bench checkpoint, Zen 4: q8
-            // backbone step 11.4 against 15.1 ms, q4 11.2 against 12.7).
-            Some(CpuKernel::Vnni) if rows == 1 => Some(CpuKernel::Avx2),
-            k => k,
-        };
+        let kernel = CpuKernel::for_rows(kernel, rows);
         let width = if kernel == Some(CpuKernel::Vnni) {
             2
         } else {
@@ -269,7 +258,7 @@ impl Q4Weights {
             |s, acts, y| {
                 #[cfg(target_arch = "x86_64")]
                 match kernel {
-                    // SAFETY: the CPU has AVX2, FMA, F16C and AVX-512 VNNI/VL (checked above).
+                    // SAFETY: the CPU has AVX2, FMA, F16C and AVX-512 F/BW/VL/VNNI (checked above).
                     Some(CpuKernel::Vnni) => return unsafe { self.strip_vnni(s, acts, y) },
                     // SAFETY: the CPU has AVX2, FMA and F16C (checked above).
                     Some(CpuKernel::Avx2) => return unsafe { self.strip_avx2(s, acts, y) },
@@ -308,17 +297,7 @@ impl Q4Weights {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn strip_avx2(&self, s: usize, a: &Activations, dst: &StripOut) {
-        let mut r = 0;
-        while r < a.rows {
-            let n = ROWS_PER_PASS.min(a.rows - r);
-            match n {
-                1 => self.rows_avx2::<1>(s, a, r, dst),
-                2 => self.rows_avx2::<2>(s, a, r, dst),
-                3 => self.rows_avx2::<3>(s, a, r, dst),
-                _ => self.rows_avx2::<ROWS_PER_PASS>(s, a, r, dst),
-            }
-            r += n;
-        }
+        in_passes!(self.rows_avx2, ROWS_PER_PASS, s, a, dst)
     }
 
     /// Rows `r0..r0 + R` of strip `s`. Per register of 64 values, the low and high nibbles
@@ -392,19 +371,7 @@ impl Q4Weights {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
     unsafe fn strip_vnni(&self, s: usize, a: &Activations, dst: &StripOut) {
-        let mut r = 0;
-        while r < a.rows {
-            let n = ROWS_PER_PASS_VNNI.min(a.rows - r);
-            match n {
-                1 => self.rows_vnni::<1>(s, a, r, dst),
-                2 => self.rows_vnni::<2>(s, a, r, dst),
-                3 => self.rows_vnni::<3>(s, a, r, dst),
-                4 => self.rows_vnni::<4>(s, a, r, dst),
-                5 => self.rows_vnni::<5>(s, a, r, dst),
-                _ => self.rows_vnni::<ROWS_PER_PASS_VNNI>(s, a, r, dst),
-            }
-            r += n;
-        }
+        in_passes!(self.rows_vnni, ROWS_PER_PASS_VNNI, s, a, dst)
     }
 
     /// Rows `r0..r0 + R` of strips `s` and `s + 1` (one 512-bit register of 16 outputs) with

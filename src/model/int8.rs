@@ -69,6 +69,18 @@ impl CpuKernel {
         }
     }
 
+    /// `kernel` if this CPU can run it, else `None` (plain code), for `rows` activation rows:
+    /// one row (a backbone step) is bound by memory, and the AVX2 kernel's one stream of
+    /// weights per thread reads faster than the VNNI kernel's two (bench checkpoint, Zen 4:
+    /// q8 backbone step 11.4 against 15.1 ms, q4 11.2 against 12.7).
+    pub(super) fn for_rows(kernel: Option<Self>, rows: usize) -> Option<Self> {
+        match kernel? {
+            Self::Vnni if avx2() && vnni() && rows > 1 => Some(Self::Vnni),
+            Self::Vnni | Self::Avx2 if avx2() => Some(Self::Avx2),
+            _ => None,
+        }
+    }
+
     /// The kernels this CPU can run, down to the plain code (`None`), for tests.
     #[cfg(test)]
     pub(super) fn all_here() -> Vec<Option<Self>> {
@@ -98,7 +110,7 @@ pub(super) fn avx2() -> bool {
 /// AVX-512 VNNI, with the byte operations (BW) and 256-bit forms (VL). AVX-VNNI alone (client CPUs without
 /// AVX-512) takes the AVX2 kernel.
 #[cfg(target_arch = "x86_64")]
-pub(super) fn vnni() -> bool {
+fn vnni() -> bool {
     is_x86_feature_detected!("avx512f")
         && is_x86_feature_detected!("avx512bw")
         && is_x86_feature_detected!("avx512vl")
@@ -106,7 +118,7 @@ pub(super) fn vnni() -> bool {
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-pub(super) fn vnni() -> bool {
+fn vnni() -> bool {
     false
 }
 
@@ -115,6 +127,27 @@ pub(super) fn vnni() -> bool {
 pub(super) fn padded_strips(out: usize) -> usize {
     out.div_ceil(2 * STRIP) * 2
 }
+
+/// Calls `$kernel::<R>(s, a, r0, dst)` for every row of `a` in passes of up to `$max` rows (a
+/// const from 4 to 6): each kernel is instantiated for each row count a pass can have.
+macro_rules! in_passes {
+    ($this:ident.$kernel:ident, $max:expr, $s:expr, $a:expr, $dst:expr) => {{
+        let mut r = 0;
+        while r < $a.rows {
+            let n = ($max).min($a.rows - r);
+            match n {
+                1 => $this.$kernel::<1>($s, $a, r, $dst),
+                2 => $this.$kernel::<2>($s, $a, r, $dst),
+                3 => $this.$kernel::<3>($s, $a, r, $dst),
+                4 if $max > 4 => $this.$kernel::<4>($s, $a, r, $dst),
+                5 if $max > 5 => $this.$kernel::<5>($s, $a, r, $dst),
+                _ => $this.$kernel::<{ $max }>($s, $a, r, $dst),
+            }
+            r += n;
+        }
+    }};
+}
+pub(super) use in_passes;
 
 /// A weight matrix `[out, inp]` in strips of eight outputs.
 pub struct Q8Weights {
@@ -207,18 +240,7 @@ impl Q8Weights {
 
     /// By `kernel` if the CPU has it, else by plain code.
     fn matmul_with(&self, x: &[f32], rows: usize, kernel: Option<CpuKernel>) -> Result<Vec<f32>> {
-        let kernel = kernel.filter(|k| match k {
-            CpuKernel::Vnni => avx2() && vnni(),
-            CpuKernel::Avx2 => avx2(),
-            CpuKernel::Candle => false,
-        });
-        let kernel = match kernel {
-            // One row (a backbone step) is bound by memory, and one stream of weights per
-            // thread reads faster than the VNNI kernel's two (bench checkpoint, Zen 4: q8
-            // backbone step 11.4 against 15.1 ms, q4 11.2 against 12.7).
-            Some(CpuKernel::Vnni) if rows == 1 => Some(CpuKernel::Avx2),
-            k => k,
-        };
+        let kernel = CpuKernel::for_rows(kernel, rows);
         by_strips(
             x,
             rows,
@@ -231,7 +253,7 @@ impl Q8Weights {
             |s, acts, y| {
                 #[cfg(target_arch = "x86_64")]
                 match kernel {
-                    // SAFETY: the CPU has AVX2, FMA, F16C and AVX-512 VNNI/VL (checked above).
+                    // SAFETY: the CPU has AVX2, FMA, F16C and AVX-512 F/BW/VL/VNNI (checked above).
                     Some(CpuKernel::Vnni) => return unsafe { self.strip_vnni(s, acts, y) },
                     // SAFETY: the CPU has AVX2, FMA and F16C (checked above).
                     Some(CpuKernel::Avx2) => return unsafe { self.strip_avx2(s, acts, y) },
@@ -272,19 +294,7 @@ impl Q8Weights {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn strip_avx2(&self, s: usize, a: &Activations, dst: &StripOut) {
-        let mut r = 0;
-        while r < a.rows {
-            let n = ROWS_PER_PASS.min(a.rows - r);
-            match n {
-                1 => self.rows_avx2::<1>(s, a, r, dst),
-                2 => self.rows_avx2::<2>(s, a, r, dst),
-                3 => self.rows_avx2::<3>(s, a, r, dst),
-                4 => self.rows_avx2::<4>(s, a, r, dst),
-                5 => self.rows_avx2::<5>(s, a, r, dst),
-                _ => self.rows_avx2::<ROWS_PER_PASS>(s, a, r, dst),
-            }
-            r += n;
-        }
+        in_passes!(self.rows_avx2, ROWS_PER_PASS, s, a, dst)
     }
 
     /// Rows `r0..r0 + R` of strip `s`. Per group of 4 inputs, each row's 4 activation bytes
@@ -345,19 +355,7 @@ impl Q8Weights {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
     unsafe fn strip_vnni(&self, s: usize, a: &Activations, dst: &StripOut) {
-        let mut r = 0;
-        while r < a.rows {
-            let n = ROWS_PER_PASS_VNNI.min(a.rows - r);
-            match n {
-                1 => self.rows_vnni::<1>(s, a, r, dst),
-                2 => self.rows_vnni::<2>(s, a, r, dst),
-                3 => self.rows_vnni::<3>(s, a, r, dst),
-                4 => self.rows_vnni::<4>(s, a, r, dst),
-                5 => self.rows_vnni::<5>(s, a, r, dst),
-                _ => self.rows_vnni::<ROWS_PER_PASS_VNNI>(s, a, r, dst),
-            }
-            r += n;
-        }
+        in_passes!(self.rows_vnni, ROWS_PER_PASS_VNNI, s, a, dst)
     }
 
     /// Rows `r0..r0 + R` of strips `s` and `s + 1`, one 512-bit register of 16 outputs.
