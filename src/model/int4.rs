@@ -16,13 +16,13 @@ use half::f16;
 use rayon::prelude::*;
 
 use super::int8::{
-    by_strips, in_passes, padded_strips, prefetch, round_away, Activations, CpuKernel, Extra,
+    in_passes, padded_strips, prefetch, round_away, Activations, CpuKernel, Extra, StripKernels,
     StripOut, BLOCK, PREFETCH, STRIP,
 };
 
 /// Activation rows per pass over a strip's weights (AVX2: 16 registers).
 const ROWS_PER_PASS: usize = 4;
-/// The same with VNNI (AVX-512VL: 32 registers, and no 16-bit sums to widen).
+/// The same with VNNI (AVX-512: 32 registers, and no 16-bit sums to widen).
 const ROWS_PER_PASS_VNNI: usize = 6;
 /// Bytes per strip and block: 8 outputs × 32 values, two values a byte.
 const TILE: usize = STRIP * BLOCK / 2;
@@ -199,10 +199,6 @@ impl Q4Weights {
         })
     }
 
-    pub fn dims(&self) -> (usize, usize) {
-        (self.out, self.inp)
-    }
-
     /// Block `b` of output `o`, as it is stored.
     pub fn block(&self, o: usize, b: usize) -> Q4Block {
         let (s, lane) = (o / STRIP, o % STRIP);
@@ -235,43 +231,7 @@ impl Q4Weights {
         GgmlQ4_1 { words }
     }
 
-    /// `x` `[rows, inp]` (row-major) times the weights' transpose: `[rows, out]`, by this
-    /// CPU's kernel ([`CpuKernel::for_this_cpu`]; plain code where that is candle's).
-    pub fn matmul(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
-        self.matmul_with(x, rows, Some(CpuKernel::for_this_cpu()))
-    }
-
-    /// By `kernel` if the CPU has it, else by plain code.
-    fn matmul_with(&self, x: &[f32], rows: usize, kernel: Option<CpuKernel>) -> Result<Vec<f32>> {
-        let kernel = CpuKernel::for_rows(kernel, rows);
-        let width = if kernel == Some(CpuKernel::Vnni) {
-            2
-        } else {
-            1
-        };
-        by_strips(
-            x,
-            rows,
-            self.inp,
-            self.out,
-            (Extra::Sums, width),
-            |s, acts, y| {
-                #[cfg(target_arch = "x86_64")]
-                match kernel {
-                    // SAFETY: the CPU has AVX2, FMA, F16C and AVX-512 F/BW/VL/VNNI (checked above).
-                    Some(CpuKernel::Vnni) => return unsafe { self.strip_vnni(s, acts, y) },
-                    // SAFETY: the CPU has AVX2, FMA and F16C (checked above).
-                    Some(CpuKernel::Avx2) => return unsafe { self.strip_avx2(s, acts, y) },
-                    _ => {}
-                }
-                let _ = kernel;
-                self.strip_plain(s, acts, y)
-            },
-        )
-    }
-
-    /// The same sums in plain code: the fallback, and what the vector kernels are tested
-    /// against.
+    /// The same sums in plain code (see [`StripKernels::plain`]).
     fn strip_plain(&self, s: usize, a: &Activations, y: &StripOut) {
         for r in 0..a.rows {
             let mut acc = [0f32; STRIP];
@@ -369,7 +329,7 @@ impl Q4Weights {
     /// [`Self::strip_avx2`] with AVX-512 VNNI, for strips `s` and `s + 1` at once (the weights
     /// are padded to an even number of strips).
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
     unsafe fn strip_vnni(&self, s: usize, a: &Activations, dst: &StripOut) {
         in_passes!(self.rows_vnni, ROWS_PER_PASS_VNNI, s, a, dst)
     }
@@ -379,7 +339,7 @@ impl Q4Weights {
     /// each i32 lane, with separate chains for low and high nibbles so that its latency
     /// overlaps.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
     #[inline]
     unsafe fn rows_vnni<const R: usize>(
         &self,
@@ -443,6 +403,30 @@ impl Q4Weights {
             _mm512_storeu_ps(lanes.as_mut_ptr(), *acc);
             dst.put(r0 + i, &lanes);
         }
+    }
+}
+
+impl StripKernels for Q4Weights {
+    fn dims(&self) -> (usize, usize) {
+        (self.out, self.inp)
+    }
+
+    fn extra(_: Option<CpuKernel>) -> Extra {
+        Extra::Sums
+    }
+
+    fn plain(&self, s: usize, a: &Activations, dst: &StripOut) {
+        self.strip_plain(s, a, dst)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn avx2(&self, s: usize, a: &Activations, dst: &StripOut) {
+        self.strip_avx2(s, a, dst)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn vnni(&self, s: usize, a: &Activations, dst: &StripOut) {
+        self.strip_vnni(s, a, dst)
     }
 }
 

@@ -32,8 +32,8 @@ pub(super) const PREFETCH: usize = 8192;
 /// Which kernel the CPU's quantized projections use, decided once per process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CpuKernel {
-    /// This module's and [`int4`](super::int4)'s strips with AVX-512 VNNI's `vpdpbusd` on
-    /// 256-bit registers (one instruction per 4 × 8 byte products).
+    /// This module's and [`int4`](super::int4)'s strips with AVX-512 VNNI's `vpdpbusd`, two
+    /// strips (16 outputs) per 512-bit register.
     Vnni,
     /// The same strips with AVX2's `maddubs` (x86-64 without VNNI).
     Avx2,
@@ -59,7 +59,7 @@ impl CpuKernel {
     }
 
     /// The fastest this CPU can run, without the override.
-    pub(super) fn best() -> Self {
+    fn best() -> Self {
         if avx2() && vnni() {
             Self::Vnni
         } else if avx2() {
@@ -107,13 +107,12 @@ pub(super) fn avx2() -> bool {
     false
 }
 
-/// AVX-512 VNNI, with the byte operations (BW) and 256-bit forms (VL). AVX-VNNI alone (client CPUs without
-/// AVX-512) takes the AVX2 kernel.
+/// AVX-512 VNNI, with the byte operations (BW). AVX-VNNI alone (client CPUs without AVX-512)
+/// takes the AVX2 kernel.
 #[cfg(target_arch = "x86_64")]
 fn vnni() -> bool {
     is_x86_feature_detected!("avx512f")
         && is_x86_feature_detected!("avx512bw")
-        && is_x86_feature_detected!("avx512vl")
         && is_x86_feature_detected!("avx512vnni")
 }
 
@@ -228,44 +227,7 @@ impl Q8Weights {
         })
     }
 
-    pub fn dims(&self) -> (usize, usize) {
-        (self.out, self.inp)
-    }
-
-    /// `x` `[rows, inp]` (row-major) times the weights' transpose: `[rows, out]`, by this
-    /// CPU's kernel ([`CpuKernel::for_this_cpu`]; plain code where that is candle's).
-    pub fn matmul(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
-        self.matmul_with(x, rows, Some(CpuKernel::for_this_cpu()))
-    }
-
-    /// By `kernel` if the CPU has it, else by plain code.
-    fn matmul_with(&self, x: &[f32], rows: usize, kernel: Option<CpuKernel>) -> Result<Vec<f32>> {
-        let kernel = CpuKernel::for_rows(kernel, rows);
-        by_strips(
-            x,
-            rows,
-            self.inp,
-            self.out,
-            match kernel {
-                Some(CpuKernel::Vnni) => (Extra::Biased, 2),
-                _ => (Extra::Magnitudes, 1),
-            },
-            |s, acts, y| {
-                #[cfg(target_arch = "x86_64")]
-                match kernel {
-                    // SAFETY: the CPU has AVX2, FMA, F16C and AVX-512 F/BW/VL/VNNI (checked above).
-                    Some(CpuKernel::Vnni) => return unsafe { self.strip_vnni(s, acts, y) },
-                    // SAFETY: the CPU has AVX2, FMA and F16C (checked above).
-                    Some(CpuKernel::Avx2) => return unsafe { self.strip_avx2(s, acts, y) },
-                    _ => {}
-                }
-                let _ = kernel;
-                self.strip_plain(s, acts, y)
-            },
-        )
-    }
-
-    /// The same sums in plain code: the fallback, and what the vector kernel is tested against.
+    /// The same sums in plain code (see [`StripKernels::plain`]).
     fn strip_plain(&self, s: usize, a: &Activations, y: &StripOut) {
         let tiles = &self.quants[s * self.blocks * STRIP * BLOCK..][..self.blocks * STRIP * BLOCK];
         let scales = &self.scales[s * self.blocks * STRIP..][..self.blocks * STRIP];
@@ -353,7 +315,7 @@ impl Q8Weights {
     /// [`Self::strip_avx2`] with AVX-512 VNNI, for strips `s` and `s + 1` at once (the weights
     /// are padded to an even number of strips).
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
     unsafe fn strip_vnni(&self, s: usize, a: &Activations, dst: &StripOut) {
         in_passes!(self.rows_vnni, ROWS_PER_PASS_VNNI, s, a, dst)
     }
@@ -364,7 +326,7 @@ impl Q8Weights {
     /// more `vpdpbusd` per group, shared by all rows, sums 128 × the weights to take off at the
     /// end of each block. A broadcast activation word serves 16 outputs (AVX2's serves 8).
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
     #[inline]
     unsafe fn rows_vnni<const R: usize>(
         &self,
@@ -419,6 +381,98 @@ impl Q8Weights {
     }
 }
 
+/// A strip-packed weight matrix with its kernels, run by [`StripKernels::matmul`].
+pub trait StripKernels: Sync {
+    /// `(out, inp)`.
+    fn dims(&self) -> (usize, usize);
+
+    /// What `kernel` reads of the activations beyond their quantized values.
+    #[doc(hidden)]
+    fn extra(kernel: Option<CpuKernel>) -> Extra;
+
+    /// The strip at `s` in plain code: the fallback, and what the vector kernels are tested
+    /// against.
+    #[doc(hidden)]
+    fn plain(&self, s: usize, a: &Activations, dst: &StripOut);
+
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C.
+    #[cfg(target_arch = "x86_64")]
+    #[doc(hidden)]
+    unsafe fn avx2(&self, s: usize, a: &Activations, dst: &StripOut);
+
+    /// Strips `s` and `s + 1` (the weights are padded to an even number of strips).
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA, F16C and AVX-512 F/BW/VNNI.
+    #[cfg(target_arch = "x86_64")]
+    #[doc(hidden)]
+    unsafe fn vnni(&self, s: usize, a: &Activations, dst: &StripOut);
+
+    /// `x` `[rows, inp]` (row-major) times the weights' transpose: `[rows, out]`, by this
+    /// CPU's kernel ([`CpuKernel::for_this_cpu`]; plain code where that is candle's).
+    fn matmul(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+        self.matmul_with(x, rows, Some(CpuKernel::for_this_cpu()))
+    }
+
+    /// By `kernel` if the CPU has it (see [`CpuKernel::for_rows`]), else by plain code.
+    #[doc(hidden)]
+    fn matmul_with(&self, x: &[f32], rows: usize, kernel: Option<CpuKernel>) -> Result<Vec<f32>> {
+        let kernel = CpuKernel::for_rows(kernel, rows);
+        let (out, inp) = self.dims();
+        let width = if kernel == Some(CpuKernel::Vnni) {
+            2
+        } else {
+            1
+        };
+        by_strips(
+            x,
+            rows,
+            inp,
+            out,
+            (Self::extra(kernel), width),
+            |s, acts, y| {
+                #[cfg(target_arch = "x86_64")]
+                match kernel {
+                    // SAFETY: the CPU has these features (`for_rows` checked).
+                    Some(CpuKernel::Vnni) => return unsafe { self.vnni(s, acts, y) },
+                    // SAFETY: as above.
+                    Some(CpuKernel::Avx2) => return unsafe { self.avx2(s, acts, y) },
+                    _ => {}
+                }
+                self.plain(s, acts, y)
+            },
+        )
+    }
+}
+
+impl StripKernels for Q8Weights {
+    fn dims(&self) -> (usize, usize) {
+        (self.out, self.inp)
+    }
+
+    fn extra(kernel: Option<CpuKernel>) -> Extra {
+        match kernel {
+            Some(CpuKernel::Vnni) => Extra::Biased,
+            _ => Extra::Magnitudes,
+        }
+    }
+
+    fn plain(&self, s: usize, a: &Activations, dst: &StripOut) {
+        self.strip_plain(s, a, dst)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn avx2(&self, s: usize, a: &Activations, dst: &StripOut) {
+        self.strip_avx2(s, a, dst)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn vnni(&self, s: usize, a: &Activations, dst: &StripOut) {
+        self.strip_vnni(s, a, dst)
+    }
+}
+
 /// Asks for the cache line at `at` (a hint: any address is allowed, none is dereferenced).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
@@ -430,7 +484,7 @@ pub(super) fn prefetch<T>(at: *const T) {
 
 /// What a kernel reads beyond the quantized activations and their scales.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Extra {
+pub enum Extra {
     /// The values' magnitudes, for the unsigned side of AVX2's int8 × int8 products.
     Magnitudes,
     /// The values plus 128 (unsigned), for VNNI's int8 × int8 products.
@@ -442,7 +496,7 @@ pub(super) enum Extra {
 /// Activation rows quantized per block as Q8_0 (and Q8_1) quantize them, with the [`Extra`]
 /// their kernel reads (the other one is left empty).
 #[derive(Default)]
-pub(super) struct Activations {
+pub struct Activations {
     pub(super) rows: usize,
     pub(super) quants: Vec<i8>,
     pub(super) magnitudes: Vec<u8>,
@@ -518,7 +572,7 @@ unsafe impl Sync for SharedOut {}
 
 /// Where one call writes its outputs: the eight columns of each of its strips (one, or two
 /// adjacent ones for the 512-bit kernels), in every row.
-pub(super) struct StripOut<'a> {
+pub struct StripOut<'a> {
     shared: &'a SharedOut,
     strip: usize,
     strips: usize,

@@ -7,7 +7,7 @@ use candle_nn::{linear_no_bias, Linear, VarBuilder};
 
 use super::few_rows;
 use super::int4::Q4Weights;
-use super::int8::{CpuKernel, Q8Weights};
+use super::int8::{CpuKernel, Q8Weights, StripKernels};
 
 /// Weight storage for the big projections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
