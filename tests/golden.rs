@@ -209,14 +209,7 @@ fn codec_decoder_matches_reference_with_official_alibi() {
     let m = model();
     let frames = frames_from("codec_codes", false);
     assert_eq!(frames.len(), 12);
-    let latent = m
-        .codec()
-        .latent(&frames)
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-        .t()
-        .unwrap();
+    let latent = m.codec().latent(&frames).unwrap().squeeze(0).unwrap();
     assert_close(
         "codec_latent",
         &flat(&latent),
@@ -300,9 +293,9 @@ fn streaming_decode_equals_full_decode() {
         let (streamed, chunks) = stream(&frames, ChunkSchedule::default());
         assert_eq!(chunks.iter().sum::<usize>(), frames.len());
         assert_eq!(chunks[0], 2, "first chunk after two frames");
-        let diff = max_abs_diff(&streamed, &full);
-        eprintln!("streamed vs full: {diff}");
-        assert!(diff <= 1e-5, "streamed vs full differ by {diff}");
+        // On the CPU in f32 the codec's panels give every row count the same sums: equal
+        // bit for bit, with no chunk padded.
+        assert_eq!(streamed, full, "streamed vs full");
     }
     // Single-frame chunks still reproduce the full decode.
     let frames = random_frames(30, 3);
@@ -314,9 +307,11 @@ fn streaming_decode_equals_full_decode() {
     };
     let (streamed, chunks) = stream(&frames, one);
     assert_eq!(chunks.len(), 30);
-    let diff = max_abs_diff(&streamed, &m.decode(&frames).unwrap());
-    eprintln!("single-frame chunks vs full: {diff}");
-    assert!(diff <= 1e-5, "single-frame chunks differ by {diff}");
+    assert_eq!(
+        streamed,
+        m.decode(&frames).unwrap(),
+        "single-frame chunks vs full"
+    );
 }
 
 #[test]

@@ -165,7 +165,7 @@ struct Layer {
 /// `[in, out]` (transposed) copy of a dense projection's weight.
 fn dense(p: &crate::model::nn::Proj, dtype: DType) -> Result<Tensor> {
     let w = p
-        .dense_weight()
+        .dense_weight()?
         .ok_or_else(|| candle_core::Error::Msg("the codec's projections must be dense".into()))?;
     w.t()?.to_dtype(dtype)?.contiguous()
 }
@@ -251,9 +251,9 @@ impl TrainDecoder {
             .iter()
             .map(|b| {
                 Ok(match b {
-                    Block::Conv(c) => Stage::Conv(Conv::new(&c.weight, c.pad, dtype)?),
+                    Block::Conv(c) => Stage::Conv(Conv::new(&c.weight()?, c.pad, dtype)?),
                     Block::ConvTranspose(c) => {
-                        Stage::Up(Upsample::new(&c.weight, c.stride, dtype)?)
+                        Stage::Up(Upsample::new(&c.weight()?, c.stride, dtype)?)
                     }
                     Block::Transformer(t) => Stage::Transformer {
                         layers: t
@@ -272,7 +272,7 @@ impl TrainDecoder {
             device: codebook.device().clone(),
             codebook,
             stages,
-            output: Conv::new(&codec.output_proj.weight, codec.output_proj.pad, dtype)?,
+            output: Conv::new(&codec.output_proj.weight()?, codec.output_proj.pad, dtype)?,
             slopes: codec.slopes.clone(),
             levels: codec.levels,
             n_acoustic: codec.n_acoustic,

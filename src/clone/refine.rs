@@ -92,7 +92,6 @@ impl<'a> Refiner<'a> {
             .latent(&model_side(frames))
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?
             .squeeze(0)?
-            .t()?
             .to_dtype(self.dec.dtype())?
             .contiguous()
     }

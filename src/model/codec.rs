@@ -4,17 +4,21 @@
 //! decode is one chunk on a fresh state. Attention is computed in query blocks over the
 //! sliding window only, so memory grows linearly with the length of the utterance.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::{CodecStage, ModelConfig, END_AUDIO, SPECIAL_CODES};
 use super::flow::fsq_value;
-use super::nn::{AttentionProj, FeedForward, Quant, RmsNorm};
+use super::nn::{with_host_f32, AttentionProj, FeedForward, Quant, RmsNorm};
+use super::panels::PanelWeights;
 
-/// Chunks are computed at least this many frames long, padded with repeats of the last frame
-/// whose samples are dropped. The matmul kernels for fewer rows round differently, so this
-/// keeps a streamed decode bit-identical to a full one; the codec is causal, so the padding
-/// cannot change the real frames' samples.
+/// Chunks on candle's ops are computed at least this many frames long, padded with repeats of
+/// the last frame whose samples are dropped. The ops' matmul kernels for fewer rows round
+/// differently, so this keeps a streamed decode bit-identical to a full one; the codec is
+/// causal, so the padding cannot change the real frames' samples. The CPU's f32 panels give
+/// the same result for every row count and need no padding.
 const MIN_DECODE_FRAMES: usize = 8;
 
 /// Queries per attention block; keys span the block plus the window.
@@ -36,63 +40,135 @@ fn fold_weight_norm(vb: &VarBuilder, g_shape: &[usize], v_shape: &[usize]) -> Re
     w.to_dtype(vb.dtype())
 }
 
-/// Stride-1 causal conv with `kernel - 1` samples of left padding.
+/// Whether the codec loaded on `vb`'s device and dtype runs on [`PanelWeights`].
+fn on_panels(vb: &VarBuilder) -> bool {
+    vb.device().is_cpu() && vb.dtype() == DType::F32
+}
+
+/// A conv's weight: candle's layout for its conv ops, or, on the CPU in f32, panels of the
+/// matrix that maps a window of consecutive input steps (`taps * c_in` values, step-major,
+/// as time-first steps lie in memory) to outputs.
+enum ConvWeight {
+    Ops(Tensor),
+    Panels(Arc<PanelWeights>),
+}
+
+/// The `taps - 1` steps (time-first, dim 1) before a window's last, zeros where a stream has
+/// fewer.
+fn left_steps(prev: Option<Tensor>, x: &Tensor, taps: usize) -> Result<Tensor> {
+    let want = taps - 1;
+    let prev = match prev {
+        Some(p) if p.dim(1)? >= want => p,
+        Some(p) => p.pad_with_zeros(1, want - p.dim(1)?, 0)?,
+        None => Tensor::zeros((1, want, x.dim(2)?), x.dtype(), x.device())?,
+    };
+    Tensor::cat(&[&prev, x], 1)
+}
+
+/// `x` `[1, len + taps - 1, c_in]` through panels whose rows are windows of `taps` steps:
+/// `[1, len, out]`.
+fn windows(w: &PanelWeights, x: &Tensor, taps: usize) -> Result<Tensor> {
+    let c_in = x.dim(2)?;
+    let len = x.dim(1)? + 1 - taps;
+    let y = with_host_f32(x, |x| w.matmul(x, len, c_in))?;
+    Tensor::from_vec(y, (1, len, w.dims().0), x.device())
+}
+
+/// Stride-1 causal conv with `kernel - 1` steps of left padding.
 pub(crate) struct CausalConv {
-    pub(crate) weight: Tensor,
+    weight: ConvWeight,
+    taps: usize,
     pub(crate) pad: Pad,
 }
 
 impl CausalConv {
     fn load(vb: VarBuilder, c_in: usize, c_out: usize, k: usize, pad: Pad) -> Result<Self> {
         let weight = fold_weight_norm(&vb.pp("conv"), &[c_out, 1, 1], &[c_out, c_in, k])?;
-        Ok(Self { weight, pad })
+        let weight = if on_panels(&vb) {
+            // [c_out, c_in, k] to [c_out, k * c_in].
+            let w = weight.permute((0, 2, 1))?.flatten_all()?.to_vec1()?;
+            ConvWeight::Panels(Arc::new(PanelWeights::pack(&w, c_out, k * c_in)?))
+        } else {
+            ConvWeight::Ops(weight)
+        };
+        Ok(Self {
+            weight,
+            taps: k,
+            pad,
+        })
     }
 
-    /// `[1, C, L]` to `[1, C_out, L]`. `tail` holds the last `kernel - 1` inputs of the
+    /// The weight `[c_out, c_in, k]`.
+    pub(crate) fn weight(&self) -> Result<Tensor> {
+        match &self.weight {
+            ConvWeight::Ops(w) => Ok(w.clone()),
+            ConvWeight::Panels(p) => {
+                let (c_out, inp) = p.dims();
+                Tensor::from_vec(
+                    p.unpack(),
+                    (c_out, self.taps, inp / self.taps),
+                    &Device::Cpu,
+                )?
+                .permute((0, 2, 1))?
+                .contiguous()
+            }
+        }
+    }
+
+    /// `[1, L, C]` to `[1, L, C_out]`. `tail` holds the last `kernel - 1` inputs of the
     /// previous chunk; at the start of a stream the padding mode stands in for it. Only the
     /// first `real` steps of `x` are the stream's; the rest is padding.
     fn forward(&self, x: &Tensor, real: usize, tail: &mut Option<Tensor>) -> Result<Tensor> {
-        let p = self.weight.dim(2)? - 1;
+        let p = self.taps - 1;
         let x = match (tail.take(), self.pad) {
-            (Some(t), _) => Tensor::cat(&[&t, x], 2)?,
-            (None, Pad::Replicate) => x.pad_with_same(2, p, 0)?,
-            (None, Pad::Reflect) => reflect_pad_left(x, p)?,
+            (Some(t), _) => Tensor::cat(&[&t, x], 1)?,
+            (None, Pad::Replicate) => x.pad_with_same(1, p, 0)?,
+            (None, Pad::Reflect) => reflect_pad_left(x, p, 1)?,
         };
-        *tail = Some(steps_before(&x, p + real, p)?);
-        x.conv1d(&self.weight, 0, 1, 1, 1)
+        *tail = Some(steps_before(&x, 1, p + real, p)?);
+        match &self.weight {
+            ConvWeight::Panels(w) => windows(w, &x, self.taps),
+            ConvWeight::Ops(w) => x
+                .transpose(1, 2)?
+                .contiguous()?
+                .conv1d(w, 0, 1, 1, 1)?
+                .transpose(1, 2)?
+                .contiguous(),
+        }
     }
 }
 
-/// The `n` steps before step `end` along dim 2 (time, in `[1, C, L]` and in
+/// The `n` steps before step `end` along `dim` (time: 1 in `[1, L, C]`, 2 in
 /// `[1, heads, L, d]`), copied so the chunk they came from can be freed.
-fn steps_before(x: &Tensor, end: usize, n: usize) -> Result<Tensor> {
+fn steps_before(x: &Tensor, dim: usize, end: usize, n: usize) -> Result<Tensor> {
     let n = n.min(end);
-    x.narrow(2, end - n, n)?.contiguous()
+    x.narrow(dim, end - n, n)?.contiguous()
 }
 
-/// Mirror padding on the left without repeating the edge (`x_p .. x_1 | x_0 x_1 ..`). Inputs
-/// no longer than the pad are zero-extended on the right first, as the reference does.
-fn reflect_pad_left(x: &Tensor, p: usize) -> Result<Tensor> {
+/// Mirror padding on the left of `dim` without repeating the edge (`x_p .. x_1 | x_0 x_1 ..`).
+/// Inputs no longer than the pad are zero-extended on the right first, as the reference does.
+fn reflect_pad_left(x: &Tensor, p: usize, dim: usize) -> Result<Tensor> {
     if p == 0 {
         return Ok(x.clone());
     }
-    let len = x.dim(2)?;
+    let len = x.dim(dim)?;
     let extra = (p + 1).saturating_sub(len);
     let x = if extra > 0 {
-        x.pad_with_zeros(2, 0, extra)?
+        x.pad_with_zeros(dim, 0, extra)?
     } else {
         x.clone()
     };
     let idx: Vec<u32> = (1..=p).rev().map(|i| i as u32).collect();
     let idx = Tensor::new(idx.as_slice(), x.device())?;
-    let left = x.index_select(&idx, 2)?;
-    let y = Tensor::cat(&[&left, &x], 2)?;
-    y.narrow(2, 0, p + len)
+    let left = x.index_select(&idx, dim)?;
+    let y = Tensor::cat(&[&left, &x], dim)?;
+    y.narrow(dim, 0, p + len)
 }
 
 /// Causal transposed conv: raw length `(L-1)*s + k`, the last `k - s` samples trimmed.
 pub(crate) struct CausalConvTranspose {
-    pub(crate) weight: Tensor,
+    weight: ConvWeight,
+    kernel: usize,
     pub(crate) stride: usize,
 }
 
@@ -100,33 +176,88 @@ impl CausalConvTranspose {
     fn load(vb: VarBuilder, c: usize, k: usize, stride: usize) -> Result<Self> {
         // ConvTranspose1d stores [in, out, k]; weight norm's dim 0 is the input channel.
         let weight = fold_weight_norm(&vb.pp("conv"), &[c, 1, 1], &[c, c, k])?;
-        Ok(Self { weight, stride })
+        let weight = if on_panels(&vb) {
+            // Output step `m * s + r` takes tap `r + g * s` of input `m - g`: one matrix
+            // `[s * c_out, taps * c_in]` maps the window of inputs `m - taps + 1 ..= m` to the
+            // `s` output steps of input `m`, row `r * c_out + o`, column `(taps - 1 - g) * c_in
+            // + i` (missing taps past `k` are zero).
+            let taps = k.div_ceil(stride);
+            let w = weight
+                .pad_with_zeros(2, 0, taps * stride - k)?
+                .reshape((c, c, taps, stride))?
+                .index_select(&reversed(taps, vb.device())?, 2)?
+                .permute((3, 1, 2, 0))?
+                .flatten_all()?
+                .to_vec1()?;
+            ConvWeight::Panels(Arc::new(PanelWeights::pack(&w, stride * c, taps * c)?))
+        } else {
+            ConvWeight::Ops(weight)
+        };
+        Ok(Self {
+            weight,
+            kernel: k,
+            stride,
+        })
+    }
+
+    /// The weight `[c_in, c_out, k]`.
+    pub(crate) fn weight(&self) -> Result<Tensor> {
+        match &self.weight {
+            ConvWeight::Ops(w) => Ok(w.clone()),
+            ConvWeight::Panels(p) => {
+                let s = self.stride;
+                let taps = self.kernel.div_ceil(s);
+                let (rows, cols) = p.dims();
+                let (c_out, c_in) = (rows / s, cols / taps);
+                Tensor::from_vec(p.unpack(), (s, c_out, taps, c_in), &Device::Cpu)?
+                    .index_select(&reversed(taps, &Device::Cpu)?, 2)?
+                    .permute((3, 1, 2, 0))?
+                    .reshape((c_in, c_out, taps * s))?
+                    .narrow(2, 0, self.kernel)?
+                    .contiguous()
+            }
+        }
     }
 
     /// Inputs whose overlapping outputs reach into the next input's span.
-    fn overlap(&self) -> Result<usize> {
-        Ok((self.weight.dim(2)? - self.stride).div_ceil(self.stride))
+    fn overlap(&self) -> usize {
+        (self.kernel - self.stride).div_ceil(self.stride)
     }
 
-    /// `prev` holds the last inputs of the previous chunk: they are run again so their
-    /// overlap lands on this chunk's first outputs, and their own outputs are dropped.
+    /// `[1, L, C]` to `[1, L * s, C]`. `prev` holds the last inputs of the previous chunk:
+    /// their overlap lands on this chunk's first outputs.
     fn forward(&self, x: &Tensor, real: usize, prev: &mut Option<Tensor>) -> Result<Tensor> {
-        let len = x.dim(2)?;
-        let (input, skip) = match prev.take() {
-            Some(p) => {
-                let skip = p.dim(2)? * self.stride;
-                (Tensor::cat(&[&p, x], 2)?, skip)
+        let len = x.dim(1)?;
+        let (input, skip) = match (prev.take(), &self.weight) {
+            (p, ConvWeight::Panels(_)) => (left_steps(p, x, self.overlap() + 1)?, 0),
+            (Some(p), ConvWeight::Ops(_)) => {
+                let skip = p.dim(1)? * self.stride;
+                (Tensor::cat(&[&p, x], 1)?, skip)
             }
-            None => (x.clone(), 0),
+            (None, ConvWeight::Ops(_)) => (x.clone(), 0),
         };
-        *prev = Some(steps_before(
-            &input,
-            skip / self.stride + real,
-            self.overlap()?,
-        )?);
-        let y = input.conv_transpose1d(&self.weight, 0, 0, self.stride, 1, 1)?;
-        y.narrow(2, skip, len * self.stride)
+        let before = input.dim(1)? - len;
+        *prev = Some(steps_before(&input, 1, before + real, self.overlap())?);
+        match &self.weight {
+            ConvWeight::Panels(w) => {
+                let y = windows(w, &input, self.overlap() + 1)?; // [1, len, s * c]
+                y.reshape((1, len * self.stride, y.dim(2)? / self.stride))
+            }
+            ConvWeight::Ops(w) => input
+                .transpose(1, 2)?
+                .contiguous()?
+                .conv_transpose1d(w, 0, 0, self.stride, 1, 1)?
+                .narrow(2, skip, len * self.stride)?
+                .transpose(1, 2)?
+                .contiguous(),
+        }
     }
+}
+
+/// Indices `n - 1, .., 0`.
+fn reversed(n: usize, device: &Device) -> Result<Tensor> {
+    let idx: Vec<u32> = (0..n as u32).rev().collect();
+    Tensor::new(idx.as_slice(), device)
 }
 
 pub(crate) struct CodecLayer {
@@ -180,6 +311,8 @@ pub struct CodecDecoder {
     pub(crate) levels: usize,
     pub(crate) n_acoustic: usize,
     pub(crate) patch: usize,
+    /// Frames a chunk is padded to ([`MIN_DECODE_FRAMES`] on candle's ops, 1 on panels).
+    min_frames: usize,
     dtype: DType,
     device: Device,
 }
@@ -291,6 +424,7 @@ impl CodecDecoder {
             levels: c.acoustic_codebook_size,
             n_acoustic: c.acoustic_dim,
             patch,
+            min_frames: if on_panels(&vb) { 1 } else { MIN_DECODE_FRAMES },
             dtype: vb.dtype(),
             device: vb.device().clone(),
         })
@@ -336,7 +470,7 @@ impl CodecDecoder {
         Ok(frames.len())
     }
 
-    /// Dequantized latent `[1, semantic_dim + acoustic_dim, T]` of validated frames.
+    /// Dequantized latent `[1, T, semantic_dim + acoustic_dim]` of validated frames.
     pub fn latent(&self, frames: &[Vec<u32>]) -> Result<Tensor> {
         let off = SPECIAL_CODES as u32;
         let sem: Vec<u32> = frames.iter().map(|f| f[0] - off).collect();
@@ -348,7 +482,6 @@ impl CodecDecoder {
             .collect();
         let ac = Tensor::from_vec(ac, (frames.len(), self.n_acoustic), &self.device)?;
         Tensor::cat(&[&sem, &ac], 1)?
-            .t()?
             .unsqueeze(0)?
             .to_dtype(self.dtype)
     }
@@ -393,10 +526,10 @@ impl CodecDecoder {
             return Ok(Vec::new());
         }
         let mut padded = frames[..n].to_vec();
-        if n < MIN_DECODE_FRAMES && stages.is_none() {
-            padded.resize(MIN_DECODE_FRAMES, frames[n - 1].clone());
+        if n < self.min_frames && stages.is_none() {
+            padded.resize(self.min_frames, frames[n - 1].clone());
         }
-        let mut x = self.latent(&padded)?; // [1, C, L]
+        let mut x = self.latent(&padded)?; // [1, L, C]
         let mut real = n; // steps of x that belong to the stream
         for (block, st) in self.blocks.iter().zip(&mut state.blocks) {
             x = match (block, st) {
@@ -407,22 +540,16 @@ impl CodecDecoder {
                     y
                 }
                 (Block::Transformer(t), BlockState::Transformer(caches)) => {
-                    let x = x.transpose(1, 2)?.contiguous()?;
-                    let y = self.transformer(t, &x, real, caches)?;
-                    y.transpose(1, 2)?.contiguous()?
+                    self.transformer(t, &x, real, caches)?
                 }
                 _ => unreachable!("a state is made by start() for these blocks"),
             };
             if let Some(s) = stages.as_deref_mut() {
-                s.push(x.squeeze(0)?.t()?.to_dtype(DType::F32)?);
+                s.push(x.squeeze(0)?.to_dtype(DType::F32)?);
             }
         }
-        let y = self.output_proj.forward(&x, real, &mut state.output)?; // [1, patch, L]
-        let y = y
-            .squeeze(0)?
-            .t()?
-            .narrow(0, 0, real)?
-            .to_dtype(DType::F32)?; // [L, patch]
+        let y = self.output_proj.forward(&x, real, &mut state.output)?; // [1, L, patch]
+        let y = y.squeeze(0)?.narrow(0, 0, real)?.to_dtype(DType::F32)?; // [L, patch]
         if let Some(s) = stages {
             s.push(y.clone());
         }
@@ -461,8 +588,8 @@ impl CodecDecoder {
                 None => (k, v, 0),
             };
             *cache = Some((
-                steps_before(&k, ctx + real, t.window)?,
-                steps_before(&v, ctx + real, t.window)?,
+                steps_before(&k, 2, ctx + real, t.window)?,
+                steps_before(&v, 2, ctx + real, t.window)?,
             ));
             let h = self.windowed_attention(&q, &k, &v, t.window, ctx)?;
             let h = att.wo.forward(&h)?.broadcast_mul(&layer.attention_scale)?;
@@ -707,17 +834,61 @@ mod tests {
         Ok(())
     }
 
+    /// candle's ops (the GPU's path; here in bf16 on the CPU) and the CPU's f32 panels decode
+    /// the same audio, in one go and streamed in uneven chunks (the ops padding short ones).
+    #[test]
+    fn ops_path_agrees_with_panels() -> Result<()> {
+        use crate::model::checkpoint::{Weights, PARAMS_FILE, WEIGHTS_FILE};
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/voxtral-tiny");
+        let load = |dtype| -> Result<CodecDecoder> {
+            let params = dir.join(PARAMS_FILE);
+            let cfg = ModelConfig::from_file(&params).expect("fixture config");
+            let stages = cfg.codec_stages(&params).expect("fixture stages");
+            let weights = Weights::open(&dir.join(WEIGHTS_FILE), &cfg).expect("fixture weights");
+            let vb = weights.into_var_builder(dtype, &Device::Cpu);
+            CodecDecoder::load(vb.pp("audio_tokenizer"), &cfg, &stages)
+        };
+        let (panels, ops) = (load(DType::F32)?, load(DType::BF16)?);
+        assert_eq!((panels.min_frames, ops.min_frames), (1, MIN_DECODE_FRAMES));
+        let frames = crate::clone::search::random_codes(&panels, 21, 5);
+        let want = panels.decode_frames(&frames, None).expect("panels");
+        let full = ops.decode_frames(&frames, None).expect("ops");
+        let mut streamed = Vec::new();
+        let mut state = ops.start();
+        for chunk in [&frames[..2], &frames[2..11], &frames[11..]] {
+            streamed.extend(ops.decode_chunk(&mut state, chunk, None).expect("chunk"));
+        }
+        let peak = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for (name, got) in [("full", &full), ("streamed", &streamed)] {
+            assert_eq!(got.len(), want.len(), "{name}");
+            let dot: f32 = got.iter().zip(&want).map(|(a, b)| a * b).sum();
+            let norm = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>().sqrt();
+            let cos = dot / (norm(got) * norm(&want));
+            assert!(cos > 0.99, "{name}: cosine {cos} against the panels");
+        }
+        let diff = full
+            .iter()
+            .zip(&streamed)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            diff <= 0.02 * peak,
+            "ops streamed vs full: {diff} (peak {peak})"
+        );
+        Ok(())
+    }
+
     #[test]
     fn reflect_pad_mirrors_without_edge() -> Result<()> {
         let x = Tensor::new(&[[[0f32, 1., 2., 3., 4., 5., 6., 7.]]], &Device::Cpu)?;
-        let y = reflect_pad_left(&x, 3)?;
+        let y = reflect_pad_left(&x, 3, 2)?;
         assert_eq!(
             y.flatten_all()?.to_vec1::<f32>()?,
             vec![3., 2., 1., 0., 1., 2., 3., 4., 5., 6., 7.]
         );
         // Shorter than the pad: zero-extend on the right, reflect, drop the extension.
         let x = Tensor::new(&[[[1f32, 2.]]], &Device::Cpu)?;
-        let y = reflect_pad_left(&x, 3)?;
+        let y = reflect_pad_left(&x, 3, 2)?;
         assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, vec![0., 0., 2., 1., 2.]);
         Ok(())
     }

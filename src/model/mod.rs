@@ -12,6 +12,7 @@ pub mod int8;
 pub mod memory;
 pub mod nn;
 pub mod noise;
+pub mod panels;
 pub mod prompt;
 pub mod random;
 pub mod stream;

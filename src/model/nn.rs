@@ -8,6 +8,7 @@ use candle_nn::{linear_no_bias, Linear, VarBuilder};
 use super::few_rows;
 use super::int4::Q4Weights;
 use super::int8::{CpuKernel, Q8Weights, StripKernels};
+use super::panels::PanelWeights;
 
 /// Weight storage for the big projections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
@@ -49,6 +50,9 @@ pub enum Proj {
     Int8(std::sync::Arc<Q8Weights>),
     /// 4-bit blocks by [`int4`](super::int4)'s kernels (`--quant q4` on an x86 CPU with AVX2).
     Int4(std::sync::Arc<Q4Weights>),
+    /// f32 panels by [`panels`](super::panels)' kernel (`Quant::Plain` on the CPU in f32):
+    /// the same result for every row count.
+    Panels(std::sync::Arc<PanelWeights>),
 }
 
 /// Projections `--quant q4` stores in 4 bits, by the end of their tensor path.
@@ -102,6 +106,11 @@ impl Proj {
             let q = QTensor::quantize(&w, format)?;
             return Ok(Proj::Quantized(QMatMul::from_qtensor(q)?));
         }
+        if quant == Quant::Plain && vb.device().is_cpu() && vb.dtype() == DType::F32 {
+            let w = vb.get((out_dim, in_dim), "weight")?;
+            let packed = PanelWeights::pack(&w.flatten_all()?.to_vec1()?, out_dim, in_dim)?;
+            return Ok(Proj::Panels(std::sync::Arc::new(packed)));
+        }
         let linear = linear_no_bias(in_dim, out_dim, vb)?;
         Ok(match quant {
             Quant::Plain => Proj::Dense(linear),
@@ -112,11 +121,16 @@ impl Proj {
 
 impl Proj {
     /// The dense `[out, in]` weight; `None` for a quantized projection.
-    pub fn dense_weight(&self) -> Option<&Tensor> {
-        match self {
-            Proj::Dense(l) | Proj::DenseFewRows(l) => Some(l.weight()),
+    pub fn dense_weight(&self) -> Result<Option<Tensor>> {
+        Ok(match self {
+            Proj::Dense(l) | Proj::DenseFewRows(l) => Some(l.weight().clone()),
+            Proj::Panels(w) => Some(Tensor::from_vec(
+                w.unpack(),
+                w.dims(),
+                &candle_core::Device::Cpu,
+            )?),
             Proj::Quantized(_) | Proj::Int8(_) | Proj::Int4(_) => None,
-        }
+        })
     }
 }
 
@@ -151,6 +165,7 @@ impl Module for Proj {
             }
             Proj::Int8(w) => by_rows(x, w.dims(), |rows, n| w.matmul(rows, n)),
             Proj::Int4(w) => by_rows(x, w.dims(), |rows, n| w.matmul(rows, n)),
+            Proj::Panels(w) => by_rows(x, w.dims(), |rows, n| w.matmul(rows, n, w.dims().1)),
         }
     }
 }
@@ -174,7 +189,7 @@ fn by_rows(
 
 /// `f` on `t`'s values as one f32 slice, read in place where `t` is f32 and contiguous on the
 /// CPU (copied into a contiguous tensor first otherwise).
-fn with_host_f32<T>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
+pub(super) fn with_host_f32<T>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
     let t = t.to_dtype(DType::F32)?.contiguous()?;
     let (storage, layout) = t.storage_and_layout();
     let candle_core::Storage::Cpu(cpu) = &*storage else {
