@@ -94,20 +94,29 @@ impl PanelWeights {
             candle_core::bail!("panel weights: {} values for [{out}, {inp}]", w.len());
         }
         let bf16 = w.iter().all(|v| v.to_bits() & 0xFFFF == 0);
-        let mut packed = Self {
+        let panel_len = inp * Self::lines_per_input(bf16);
+        let mut lines = vec![Line::default(); out.div_ceil(PANEL) * panel_len];
+        lines
+            .par_chunks_mut(panel_len)
+            .enumerate()
+            .for_each(|(p, panel)| {
+                let rows = w[p * PANEL * inp..].chunks_exact(inp).take(PANEL);
+                for (c, row) in rows.enumerate() {
+                    for (k, &v) in row.iter().enumerate() {
+                        if bf16 {
+                            panel[k].0[c % 16] |= (v.to_bits() >> 16) << (16 * (c / 16));
+                        } else {
+                            panel[k * 2 + c / 16].0[c % 16] = v.to_bits();
+                        }
+                    }
+                }
+            });
+        Ok(Self {
             out,
             inp,
             bf16,
-            lines: vec![Line::default(); out.div_ceil(PANEL) * inp * Self::lines_per_input(bf16)],
-        };
-        for (o, row) in w.chunks_exact(inp).enumerate() {
-            for (k, &v) in row.iter().enumerate() {
-                let (word, shift) = packed.place(o, k);
-                let bits = if bf16 { v.to_bits() >> 16 } else { v.to_bits() };
-                *word |= bits << shift;
-            }
-        }
-        Ok(packed)
+            lines,
+        })
     }
 
     fn lines_per_input(bf16: bool) -> usize {
@@ -121,18 +130,6 @@ impl PanelWeights {
     /// The lines of one panel.
     fn panel_len(&self) -> usize {
         self.inp * Self::lines_per_input(self.bf16)
-    }
-
-    /// The word holding output `o`'s weight for input `k`, and the bit it starts at.
-    fn place(&mut self, o: usize, k: usize) -> (&mut u32, u32) {
-        let (p, c) = (o / PANEL, o % PANEL);
-        let panel_len = self.panel_len();
-        let panel = &mut self.lines[p * panel_len..][..panel_len];
-        if self.bf16 {
-            (&mut panel[k].0[c % 16], 16 * (c / 16) as u32)
-        } else {
-            (&mut panel[k * 2 + c / 16].0[c % 16], 0)
-        }
     }
 
     /// Whether the values are kept in bf16.
