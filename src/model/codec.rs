@@ -86,8 +86,9 @@ impl CausalConv {
         let weight = fold_weight_norm(&vb.pp("conv"), &[c_out, 1, 1], &[c_out, c_in, k])?;
         let weight = if on_panels(&vb) {
             // [c_out, c_in, k] to [c_out, k * c_in].
-            let w = weight.permute((0, 2, 1))?.flatten_all()?.to_vec1()?;
-            ConvWeight::Panels(Arc::new(PanelWeights::pack(&w, c_out, k * c_in)?))
+            let w = weight.permute((0, 2, 1))?;
+            let packed = with_host_f32(&w, |w| PanelWeights::pack(w, c_out, k * c_in))?;
+            ConvWeight::Panels(Arc::new(packed))
         } else {
             ConvWeight::Ops(weight)
         };
@@ -186,10 +187,9 @@ impl CausalConvTranspose {
                 .pad_with_zeros(2, 0, taps * stride - k)?
                 .reshape((c, c, taps, stride))?
                 .index_select(&reversed(taps, vb.device())?, 2)?
-                .permute((3, 1, 2, 0))?
-                .flatten_all()?
-                .to_vec1()?;
-            ConvWeight::Panels(Arc::new(PanelWeights::pack(&w, stride * c, taps * c)?))
+                .permute((3, 1, 2, 0))?;
+            let packed = with_host_f32(&w, |w| PanelWeights::pack(w, stride * c, taps * c))?;
+            ConvWeight::Panels(Arc::new(packed))
         } else {
             ConvWeight::Ops(weight)
         };

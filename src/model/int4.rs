@@ -515,7 +515,7 @@ mod tests {
             )
             .unwrap();
             let reference = QMatMul::from_qtensor(q).unwrap();
-            for rows in [1, 2, 3, 4, 5, 9] {
+            for rows in [1, 2, 3, 4, 5, 9, 17] {
                 let x = random(rows * inp, (rows * 31 + inp) as u64);
                 let xt = Tensor::from_vec(x.clone(), (rows, inp), &Device::Cpu).unwrap();
                 let want: Vec<f32> = reference

@@ -317,7 +317,36 @@ impl Q8Weights {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
     unsafe fn strip_vnni(&self, s: usize, a: &Activations, dst: &StripOut) {
-        in_passes!(self.rows_vnni, ROWS_PER_PASS_VNNI, s, a, dst)
+        if a.rows <= ROWS_PER_PASS_VNNI {
+            return in_passes!(self.rows_vnni, ROWS_PER_PASS_VNNI, (s, &[]), a, dst);
+        }
+        // Several passes (a prefill): the 128 × weight sums once per block, not per pass.
+        let excess = self.excess_vnni(s);
+        in_passes!(self.rows_vnni, ROWS_PER_PASS_VNNI, (s, &excess), a, dst)
+    }
+
+    /// Per block of strips `s` and `s + 1`: 128 × the sum of each output's weights, as
+    /// [`Self::rows_vnni`] takes off.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
+    unsafe fn excess_vnni(&self, s: usize) -> Vec<std::arch::x86_64::__m512i> {
+        use std::arch::x86_64::*;
+        let offset = _mm512_set1_epi8(-128);
+        let stride = self.blocks * STRIP * BLOCK;
+        // SAFETY: as in `rows_vnni`.
+        let tiles = [s, s + 1].map(|s| self.quants.as_ptr().add(s * stride));
+        (0..self.blocks)
+            .map(|b| {
+                let mut excess = _mm512_setzero_si512();
+                for g in 0..BLOCK / 4 {
+                    let at = (b * BLOCK / 4 + g) * STRIP * 4;
+                    let [w0, w1] = tiles.map(|t| _mm256_loadu_si256(t.add(at) as *const __m256i));
+                    let w = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(w0), w1);
+                    excess = _mm512_dpbusd_epi32(excess, offset, w);
+                }
+                excess
+            })
+            .collect()
     }
 
     /// Rows `r0..r0 + R` of strips `s` and `s + 1`, one 512-bit register of 16 outputs.
@@ -330,7 +359,26 @@ impl Q8Weights {
     #[inline]
     unsafe fn rows_vnni<const R: usize>(
         &self,
+        (s, excess): (usize, &[std::arch::x86_64::__m512i]),
+        a: &Activations,
+        r0: usize,
+        dst: &StripOut,
+    ) {
+        if excess.is_empty() {
+            self.rows_vnni_with::<R, false>(s, excess, a, r0, dst)
+        } else {
+            self.rows_vnni_with::<R, true>(s, excess, a, r0, dst)
+        }
+    }
+
+    /// [`Self::rows_vnni`]; with `KNOWN`, the blocks' excess comes from `known`.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
+    #[inline]
+    unsafe fn rows_vnni_with<const R: usize, const KNOWN: bool>(
+        &self,
         s: usize,
+        known: &[std::arch::x86_64::__m512i],
         a: &Activations,
         r0: usize,
         dst: &StripOut,
@@ -359,11 +407,16 @@ impl Q8Weights {
                         .iter()
                         .for_each(|t| prefetch(t.wrapping_add(at + PREFETCH)));
                 }
-                excess = _mm512_dpbusd_epi32(excess, offset, w);
+                if !KNOWN {
+                    excess = _mm512_dpbusd_epi32(excess, offset, w);
+                }
                 for i in 0..R {
                     let x = _mm512_set1_epi32(biased[i].add(b * BLOCK / 4 + g).read_unaligned());
                     sums[i] = _mm512_dpbusd_epi32(sums[i], x, w);
                 }
+            }
+            if let (true, Some(&e)) = (KNOWN, known.get(b)) {
+                excess = e;
             }
             let [d0, d1] = scales.map(|sc| _mm_loadu_si128(sc.add(b * STRIP) as *const __m128i));
             let dw = _mm512_cvtph_ps(_mm256_inserti128_si256::<1>(_mm256_castsi128_si256(d0), d1));
@@ -513,7 +566,8 @@ impl Activations {
     /// they are large enough), with `extra` only.
     fn fill(&mut self, x: &[f32], rows: usize, inp: usize, extra: Extra) {
         self.rows = rows;
-        let blocks = rows * inp / BLOCK;
+        let per_row = inp / BLOCK;
+        let blocks = rows * per_row;
         self.quants.resize(rows * inp, 0);
         self.scales.resize(blocks, 0.0);
         let (magnitudes, biased, sums) = match extra {
@@ -524,30 +578,78 @@ impl Activations {
         self.magnitudes.resize(magnitudes, 0);
         self.biased.resize(biased, 0);
         self.sums.resize(sums, 0.0);
-        for (b, (xs, q)) in x
-            .chunks_exact(BLOCK)
-            .zip(self.quants.chunks_exact_mut(BLOCK))
-            .enumerate()
-        {
-            let d16 = f16::from_f32(quantize_block(xs, q));
-            self.scales[b] = d16.to_f32();
-            match extra {
-                Extra::Magnitudes => {
-                    let m = &mut self.magnitudes[b * BLOCK..][..BLOCK];
-                    for (m, &q) in m.iter_mut().zip(q.iter()) {
-                        *m = q.unsigned_abs();
-                    }
+        let bytes = match extra {
+            Extra::Magnitudes => &mut self.magnitudes[..],
+            Extra::Biased => &mut self.biased[..],
+            Extra::Sums => &mut [][..],
+        };
+        if rows < PARALLEL_FILL_ROWS {
+            return fill_rows(
+                x,
+                &mut self.quants,
+                &mut self.scales,
+                bytes,
+                &mut self.sums,
+                extra,
+            );
+        }
+        // A prefill's rows (many thousands of blocks): both cores, a row at a time.
+        x.par_chunks(inp)
+            .zip(self.quants.par_chunks_mut(inp))
+            .zip(self.scales.par_chunks_mut(per_row))
+            .zip(split_rows(bytes, rows, inp))
+            .zip(split_rows(&mut self.sums, rows, per_row))
+            .for_each(|((((x, q), scales), bytes), sums)| {
+                fill_rows(x, q, scales, bytes, sums, extra)
+            });
+    }
+}
+
+/// `b` in `rows` slices of `len`, or `rows` empty slices if `b` is empty.
+fn split_rows<T>(b: &mut [T], rows: usize, len: usize) -> Vec<&mut [T]> {
+    if b.is_empty() {
+        (0..rows).map(|_| &mut [][..]).collect()
+    } else {
+        b.chunks_mut(len).collect()
+    }
+}
+
+/// From this many rows on, [`Activations::fill`] quantizes rows in parallel.
+const PARALLEL_FILL_ROWS: usize = 16;
+
+/// Quantizes the blocks of `x` into `quants` and `scales`, with `extra` into `bytes`
+/// (magnitudes or biased values) or `sums` (the other one empty).
+fn fill_rows(
+    x: &[f32],
+    quants: &mut [i8],
+    scales: &mut [f32],
+    bytes: &mut [u8],
+    sums: &mut [f32],
+    extra: Extra,
+) {
+    for (b, (xs, q)) in x
+        .chunks_exact(BLOCK)
+        .zip(quants.chunks_exact_mut(BLOCK))
+        .enumerate()
+    {
+        let d16 = f16::from_f32(quantize_block(xs, q));
+        scales[b] = d16.to_f32();
+        match extra {
+            Extra::Magnitudes => {
+                let m = &mut bytes[b * BLOCK..][..BLOCK];
+                for (m, &q) in m.iter_mut().zip(q.iter()) {
+                    *m = q.unsigned_abs();
                 }
-                Extra::Biased => {
-                    let u = &mut self.biased[b * BLOCK..][..BLOCK];
-                    for (u, &q) in u.iter_mut().zip(q.iter()) {
-                        *u = (q as u8) ^ 0x80;
-                    }
+            }
+            Extra::Biased => {
+                let u = &mut bytes[b * BLOCK..][..BLOCK];
+                for (u, &q) in u.iter_mut().zip(q.iter()) {
+                    *u = (q as u8) ^ 0x80;
                 }
-                Extra::Sums => {
-                    let total: i32 = q.iter().map(|&v| v as i32).sum();
-                    self.sums[b] = (f16::from_f32(total as f32) * d16).to_f32();
-                }
+            }
+            Extra::Sums => {
+                let total: i32 = q.iter().map(|&v| v as i32).sum();
+                sums[b] = (f16::from_f32(total as f32) * d16).to_f32();
             }
         }
     }
@@ -675,7 +777,7 @@ pub(super) mod tests {
             let reference =
                 QMatMul::from_qtensor(QTensor::quantize(&wt, GgmlDType::Q8_0).unwrap()).unwrap();
             let mine = Q8Weights::quantize(&w, out, inp).unwrap();
-            for rows in [1, 2, 5, 6, 7, 13] {
+            for rows in [1, 2, 5, 6, 7, 13, 17] {
                 let x = random(rows * inp, (rows * 31 + inp) as u64);
                 let xt = Tensor::from_vec(x.clone(), (rows, inp), &Device::Cpu).unwrap();
                 let want: Vec<f32> = reference

@@ -108,7 +108,8 @@ impl Proj {
         }
         if quant == Quant::Plain && vb.device().is_cpu() && vb.dtype() == DType::F32 {
             let w = vb.get((out_dim, in_dim), "weight")?;
-            let packed = PanelWeights::pack(&w.flatten_all()?.to_vec1()?, out_dim, in_dim)?;
+            // Read in place: no second copy of the f32 values.
+            let packed = with_host_f32(&w, |w| PanelWeights::pack(w, out_dim, in_dim))?;
             return Ok(Proj::Panels(std::sync::Arc::new(packed)));
         }
         let linear = linear_no_bias(in_dim, out_dim, vb)?;
