@@ -39,45 +39,73 @@ fn matmul_with(w: &[f32], out: usize, x: &[f32], rows: usize, vector: bool) -> R
         );
     }
     let vector = vector && avx2();
-    // Computed output-major ([out, rows]: each task writes a contiguous range), then transposed.
-    let mut yt = vec![0f32; out * rows];
-    yt.par_chunks_mut(TASK * rows)
+    let mut y = vec![0f32; rows * out];
+    let shared = Out {
+        ptr: y.as_mut_ptr(),
+        rows,
+        out,
+    };
+    let shared = &shared;
+    (0..out.div_ceil(TASK))
+        .into_par_iter()
         .with_min_len(8)
-        .enumerate()
-        .for_each(|(t, yt)| {
+        .for_each(|t| {
             let first = t * TASK;
-            let n = yt.len() / rows;
+            let n = TASK.min(out - first);
             let w = &w[first * inp..][..n * inp];
+            let y = Columns { shared, first, n };
             #[cfg(target_arch = "x86_64")]
             if vector {
                 // SAFETY: the CPU has AVX2 and FMA (checked above).
-                return unsafe { task_avx2(w, n, inp, x, rows, yt) };
+                return unsafe { task_avx2(w, n, inp, x, rows, &y) };
             }
-            task_plain(w, n, inp, x, rows, yt)
+            task_plain(w, n, inp, x, rows, &y)
         });
-    let mut y = vec![0f32; rows * out];
-    for (o, col) in yt.chunks_exact(rows).enumerate() {
-        for (r, &v) in col.iter().enumerate() {
-            y[r * out + o] = v;
-        }
-    }
     Ok(y)
 }
 
-/// Outputs `w` `[n, inp]` for every row of `x`, into `yt` `[n, rows]`: plain code.
-fn task_plain(w: &[f32], n: usize, inp: usize, x: &[f32], rows: usize, yt: &mut [f32]) {
+/// The output `[rows, out]` as the parallel tasks share it.
+struct Out {
+    ptr: *mut f32,
+    rows: usize,
+    out: usize,
+}
+
+// SAFETY: only `matmul_with` makes one, over a buffer that outlives its parallel loop, and it
+// hands each task (visited once) `Columns` of its own outputs, so no two threads write one
+// element.
+unsafe impl Sync for Out {}
+
+/// One task's outputs `first..first + n`, in every row.
+struct Columns<'a> {
+    shared: &'a Out,
+    first: usize,
+    n: usize,
+}
+
+impl Columns<'_> {
+    /// Output `first + o` of row `r`.
+    fn put(&self, o: usize, r: usize, v: f32) {
+        assert!(o < self.n && r < self.shared.rows);
+        // SAFETY: in bounds (asserted), and this task's column alone (see `Out`).
+        unsafe { *self.shared.ptr.add(r * self.shared.out + self.first + o) = v }
+    }
+}
+
+/// Outputs `w` `[n, inp]` for every row of `x`: plain code.
+fn task_plain(w: &[f32], n: usize, inp: usize, x: &[f32], rows: usize, y: &Columns) {
     for o in 0..n {
         let wo = &w[o * inp..][..inp];
         for r in 0..rows {
             let xr = &x[r * inp..][..inp];
-            yt[o * rows + r] = wo.iter().zip(xr).map(|(a, b)| a * b).sum();
+            y.put(o, r, wo.iter().zip(xr).map(|(a, b)| a * b).sum());
         }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn task_avx2(w: &[f32], n: usize, inp: usize, x: &[f32], rows: usize, yt: &mut [f32]) {
+unsafe fn task_avx2(w: &[f32], n: usize, inp: usize, x: &[f32], rows: usize, y: &Columns) {
     let mut o = 0;
     while o < n {
         // One or two rows: four weight rows at a time, so that enough sums are in flight.
@@ -108,7 +136,9 @@ unsafe fn task_avx2(w: &[f32], n: usize, inp: usize, x: &[f32], rows: usize, yt:
                 (_, _) => pass::<1, 6>(w, o, inp, x, r),
             };
             for (j, ys) in ys.iter().enumerate().take(outs) {
-                yt[(o + j) * rows + r..][..k].copy_from_slice(&ys[..k]);
+                for (i, &v) in ys[..k].iter().enumerate() {
+                    y.put(o + j, r + i, v);
+                }
             }
             r += k;
         }
