@@ -18,6 +18,7 @@ pub mod download;
 pub mod engine;
 pub mod error;
 pub mod frontends;
+pub mod heap;
 pub mod library;
 pub mod model;
 pub mod service;

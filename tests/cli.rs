@@ -467,6 +467,9 @@ fn bench_reports_single_and_multi_stream_json() {
     let backbone = r["backbone_bytes_per_frame"].as_u64().unwrap();
     let flow = r["flow_bytes_per_frame"].as_u64().unwrap();
     assert!(backbone > 0 && flow > 0, "{r}");
+    // The binary counts its heap: each frame allocates something (candle's ops do).
+    assert!(r["allocations_per_frame"].as_f64().unwrap() >= 1.0, "{r}");
+    assert!(r["allocated_mb_per_frame"].as_f64().unwrap() > 0.0, "{r}");
     let q8 = ok(&voxtrald(
         &[&base[..], &["--runs", "1", "--json", "--quant", "q8"]].concat(),
     ));

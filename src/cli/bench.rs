@@ -218,6 +218,10 @@ struct Report {
     flow_floor_ms: f64,
     backbone_over_floor: f64,
     flow_over_floor: f64,
+    /// Heap allocations and their megabytes per generated frame (the frame loop and the
+    /// codec; the prefill excluded), by the binary's counted allocator; null without it.
+    allocations_per_frame: Option<f64>,
+    allocated_mb_per_frame: Option<f64>,
 }
 
 /// Memory bandwidth in GB/s of the device the model is on: the best of five copies of 256 MiB
@@ -277,6 +281,8 @@ struct Run {
     flow_ms: f64,
     codec_ms: f64,
     rtf: f64,
+    /// Allocations and bytes per frame, where counted.
+    heap: Option<(f64, f64)>,
     frames: usize,
     positions: usize,
 }
@@ -294,6 +300,7 @@ fn one_run(a: &BenchArgs, model: &Voxtral, load_s: f64) -> anyhow::Result<Run> {
     let mut first_audio = None;
     let mut codec_s = 0.0;
     let mut samples = 0usize;
+    let heap_before = crate::heap::counts();
     while let Some(f) = gen.next_frame()? {
         let t = Instant::now();
         let chunk = dec.push(model.codec(), f.codes)?;
@@ -306,6 +313,12 @@ fn one_run(a: &BenchArgs, model: &Voxtral, load_s: f64) -> anyhow::Result<Run> {
     let t = Instant::now();
     samples += dec.flush(model.codec())?.len();
     codec_s += t.elapsed().as_secs_f64();
+    let heap = heap_before
+        .zip(crate::heap::counts())
+        .map(|((n0, b0), (n1, b1))| {
+            let per = gen.frames().max(1) as f64;
+            ((n1 - n0) as f64 / per, (b1 - b0) as f64 / per / 1e6)
+        });
     let total = start.elapsed().as_secs_f64();
     let frames = gen.frames().max(1);
     let tm = gen.timings;
@@ -317,6 +330,7 @@ fn one_run(a: &BenchArgs, model: &Voxtral, load_s: f64) -> anyhow::Result<Run> {
         flow_ms: tm.flow.as_secs_f64() * 1e3 / frames as f64,
         codec_ms: codec_s * 1e3 / frames as f64,
         rtf: total / (samples as f64 / model.sample_rate() as f64).max(1e-9),
+        heap,
         frames: gen.frames(),
         positions: prompt.ids.len(),
     })
@@ -380,6 +394,12 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         flow_floor_ms: floor_ms(reads.flow),
         backbone_over_floor: backbone_ms / floor_ms(reads.backbone),
         flow_over_floor: flow_ms / floor_ms(reads.flow),
+        allocations_per_frame: runs[0]
+            .heap
+            .map(|_| m(|r| r.heap.map_or(f64::NAN, |h| h.0))),
+        allocated_mb_per_frame: runs[0]
+            .heap
+            .map(|_| m(|r| r.heap.map_or(f64::NAN, |h| h.1))),
     };
     if a.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -399,6 +419,9 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             report.flow_floor_ms,
             report.flow_over_floor
         );
+        if let (Some(n), Some(mb)) = (report.allocations_per_frame, report.allocated_mb_per_frame) {
+            println!("  heap: {n:.0} allocations, {mb:.1} MB a frame");
+        }
     }
     Ok(())
 }
