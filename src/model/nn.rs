@@ -8,7 +8,7 @@ use candle_nn::{linear_no_bias, Linear, VarBuilder};
 use super::few_rows;
 use super::int4::Q4Weights;
 use super::int8::{CpuKernel, Q8Weights, StripKernels};
-use super::panels::PanelWeights;
+use super::panels::{self, PanelWeights};
 
 /// Weight storage for the big projections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
@@ -106,7 +106,7 @@ impl Proj {
             let q = QTensor::quantize(&w, format)?;
             return Ok(Proj::Quantized(QMatMul::from_qtensor(q)?));
         }
-        if quant == Quant::Plain && vb.device().is_cpu() && vb.dtype() == DType::F32 {
+        if quant == Quant::Plain && panels::suit(vb.device(), vb.dtype()) {
             let w = vb.get((out_dim, in_dim), "weight")?;
             // Read in place: no second copy of the f32 values.
             let packed = with_host_f32(&w, |w| PanelWeights::pack(w, out_dim, in_dim))?;

@@ -14,6 +14,8 @@
 use candle_core::Result;
 use rayon::prelude::*;
 
+use super::int8::CpuKernel;
+
 /// Outputs per panel: two 512-bit registers.
 pub const PANEL: usize = 32;
 /// Rows per pass of the AVX-512 kernel: 24 accumulators, two weight registers, a broadcast.
@@ -27,7 +29,13 @@ const ROWS_256: usize = 6;
 #[repr(C, align(64))]
 struct Line([u32; 16]);
 
-/// The kernel for this CPU.
+/// Whether weights for `device` in `dtype` go in panels: f32 on a CPU with a vector kernel
+/// for them (elsewhere the codec stays on candle's ops).
+pub fn suit(device: &candle_core::Device, dtype: candle_core::DType) -> bool {
+    device.is_cpu() && dtype == candle_core::DType::F32 && Kernel::for_this_cpu().is_some()
+}
+
+/// A kernel for panels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kernel {
     Avx512,
@@ -36,17 +44,16 @@ enum Kernel {
 }
 
 impl Kernel {
-    fn for_this_cpu() -> Self {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx512f") {
-                return Kernel::Avx512;
-            }
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                return Kernel::Avx2;
-            }
+    /// The vector kernel this CPU runs, following the quantized projections' choice
+    /// ([`CpuKernel::for_this_cpu`], so `VOXTRALD_KERNEL` moves both): AVX-512 where that is
+    /// VNNI, AVX2 where it is AVX2, none where it is candle's (no AVX2 and FMA, whose plain
+    /// `mul_add` would be a library call, or on request).
+    fn for_this_cpu() -> Option<Self> {
+        match CpuKernel::for_this_cpu() {
+            CpuKernel::Vnni if Kernel::Avx512.runs_here() => Some(Kernel::Avx512),
+            CpuKernel::Vnni | CpuKernel::Avx2 if Kernel::Avx2.runs_here() => Some(Kernel::Avx2),
+            _ => None,
         }
-        Kernel::Plain
     }
 
     /// Whether this CPU runs `self`.
@@ -159,7 +166,8 @@ impl PanelWeights {
     /// transposed. A stride below `inp` makes rows overlap: a convolution over channels-last
     /// steps without copying its windows.
     pub fn matmul(&self, x: &[f32], rows: usize, stride: usize) -> Result<Vec<f32>> {
-        self.matmul_with(x, rows, stride, Kernel::for_this_cpu())
+        let kernel = Kernel::for_this_cpu().unwrap_or(Kernel::Plain);
+        self.matmul_with(x, rows, stride, kernel)
     }
 
     fn matmul_with(
