@@ -1,6 +1,8 @@
 //! Heap accounting: a wrapper around the system allocator that counts allocations and their
-//! bytes, so that `voxtrald bench` can report what the per-frame loop allocates. The binary
-//! installs it; elsewhere (tests, other embedders) the counts stay at zero.
+//! bytes once asked to ([`start_counting`]), so that `voxtrald bench` can report what the
+//! per-frame loop allocates. Until then an allocation costs two relaxed loads more, and the
+//! daemon never asks. The binary installs it; elsewhere (tests, other embedders) there are no
+//! counts.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -11,6 +13,7 @@ pub struct Counted;
 static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
 static BYTES: AtomicU64 = AtomicU64::new(0);
 static INSTALLED: AtomicBool = AtomicBool::new(false);
+static COUNTING: AtomicBool = AtomicBool::new(false);
 
 // SAFETY: every call is forwarded to `System` unchanged; the counters have no effect on it.
 unsafe impl GlobalAlloc for Counted {
@@ -36,14 +39,21 @@ unsafe impl GlobalAlloc for Counted {
 
 #[inline]
 fn count(bytes: usize) {
-    ALLOCATIONS.fetch_add(1, Relaxed);
-    BYTES.fetch_add(bytes as u64, Relaxed);
     if !INSTALLED.load(Relaxed) {
         INSTALLED.store(true, Relaxed);
     }
+    if COUNTING.load(Relaxed) {
+        ALLOCATIONS.fetch_add(1, Relaxed);
+        BYTES.fetch_add(bytes as u64, Relaxed);
+    }
 }
 
-/// Allocations (reallocations included) and their bytes since the process started, or `None`
+/// Counts every allocation from now on (for the rest of the process).
+pub fn start_counting() {
+    COUNTING.store(true, Relaxed);
+}
+
+/// Allocations (reallocations included) and their bytes since [`start_counting`], or `None`
 /// where [`Counted`] is not the global allocator.
 pub fn counts() -> Option<(u64, u64)> {
     INSTALLED

@@ -300,6 +300,7 @@ fn one_run(a: &BenchArgs, model: &Voxtral, load_s: f64) -> anyhow::Result<Run> {
     let mut first_audio = None;
     let mut codec_s = 0.0;
     let mut samples = 0usize;
+    crate::heap::start_counting();
     let heap_before = crate::heap::counts();
     while let Some(f) = gen.next_frame()? {
         let t = Instant::now();

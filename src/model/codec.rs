@@ -53,6 +53,32 @@ enum ConvWeight {
     Panels(Arc<PanelWeights>),
 }
 
+impl ConvWeight {
+    /// `weight` (candle's layout) as is for the ops, or on panels as the `[out, inp]` matrix
+    /// that `window_matrix` makes of it.
+    fn new(
+        vb: &VarBuilder,
+        weight: Tensor,
+        (out, inp): (usize, usize),
+        window_matrix: impl FnOnce(&Tensor) -> Result<Tensor>,
+    ) -> Result<Self> {
+        if !on_panels(vb) {
+            return Ok(Self::Ops(weight));
+        }
+        let m = window_matrix(&weight)?;
+        let packed = with_host_f32(&m, |w| PanelWeights::pack(w, out, inp))?;
+        Ok(Self::Panels(Arc::new(packed)))
+    }
+
+    /// The weight in candle's layout: as kept, or `layout` of the panels' `[out, inp]` matrix.
+    fn candle_layout(&self, layout: impl FnOnce(Tensor) -> Result<Tensor>) -> Result<Tensor> {
+        match self {
+            Self::Ops(w) => Ok(w.clone()),
+            Self::Panels(p) => layout(Tensor::from_vec(p.unpack(), p.dims(), &Device::Cpu)?),
+        }
+    }
+}
+
 /// The `taps - 1` steps (time-first, dim 1) before a window's last, zeros where a stream has
 /// fewer.
 fn left_steps(prev: Option<Tensor>, x: &Tensor, taps: usize) -> Result<Tensor> {
@@ -84,14 +110,8 @@ pub(crate) struct CausalConv {
 impl CausalConv {
     fn load(vb: VarBuilder, c_in: usize, c_out: usize, k: usize, pad: Pad) -> Result<Self> {
         let weight = fold_weight_norm(&vb.pp("conv"), &[c_out, 1, 1], &[c_out, c_in, k])?;
-        let weight = if on_panels(&vb) {
-            // [c_out, c_in, k] to [c_out, k * c_in].
-            let w = weight.permute((0, 2, 1))?;
-            let packed = with_host_f32(&w, |w| PanelWeights::pack(w, c_out, k * c_in))?;
-            ConvWeight::Panels(Arc::new(packed))
-        } else {
-            ConvWeight::Ops(weight)
-        };
+        // [c_out, c_in, k] to [c_out, k * c_in].
+        let weight = ConvWeight::new(&vb, weight, (c_out, k * c_in), |w| w.permute((0, 2, 1)))?;
         Ok(Self {
             weight,
             taps: k,
@@ -101,19 +121,12 @@ impl CausalConv {
 
     /// The weight `[c_out, c_in, k]`.
     pub(crate) fn weight(&self) -> Result<Tensor> {
-        match &self.weight {
-            ConvWeight::Ops(w) => Ok(w.clone()),
-            ConvWeight::Panels(p) => {
-                let (c_out, inp) = p.dims();
-                Tensor::from_vec(
-                    p.unpack(),
-                    (c_out, self.taps, inp / self.taps),
-                    &Device::Cpu,
-                )?
+        self.weight.candle_layout(|m| {
+            let (c_out, inp) = m.dims2()?;
+            m.reshape((c_out, self.taps, inp / self.taps))?
                 .permute((0, 2, 1))?
                 .contiguous()
-            }
-        }
+        })
     }
 
     /// `[1, L, C]` to `[1, L, C_out]`. `tail` holds the last `kernel - 1` inputs of the
@@ -177,22 +190,17 @@ impl CausalConvTranspose {
     fn load(vb: VarBuilder, c: usize, k: usize, stride: usize) -> Result<Self> {
         // ConvTranspose1d stores [in, out, k]; weight norm's dim 0 is the input channel.
         let weight = fold_weight_norm(&vb.pp("conv"), &[c, 1, 1], &[c, c, k])?;
-        let weight = if on_panels(&vb) {
-            // Output step `m * s + r` takes tap `r + g * s` of input `m - g`: one matrix
-            // `[s * c_out, taps * c_in]` maps the window of inputs `m - taps + 1 ..= m` to the
-            // `s` output steps of input `m`, row `r * c_out + o`, column `(taps - 1 - g) * c_in
-            // + i` (missing taps past `k` are zero).
-            let taps = k.div_ceil(stride);
-            let w = weight
-                .pad_with_zeros(2, 0, taps * stride - k)?
+        // Output step `m * s + r` takes tap `r + g * s` of input `m - g`: one matrix
+        // `[s * c_out, taps * c_in]` maps the window of inputs `m - taps + 1 ..= m` to the `s`
+        // output steps of input `m`, row `r * c_out + o`, column `(taps - 1 - g) * c_in + i`
+        // (missing taps past `k` are zero).
+        let taps = k.div_ceil(stride);
+        let weight = ConvWeight::new(&vb, weight, (stride * c, taps * c), |w| {
+            w.pad_with_zeros(2, 0, taps * stride - k)?
                 .reshape((c, c, taps, stride))?
                 .index_select(&reversed(taps, vb.device())?, 2)?
-                .permute((3, 1, 2, 0))?;
-            let packed = with_host_f32(&w, |w| PanelWeights::pack(w, stride * c, taps * c))?;
-            ConvWeight::Panels(Arc::new(packed))
-        } else {
-            ConvWeight::Ops(weight)
-        };
+                .permute((3, 1, 2, 0))
+        })?;
         Ok(Self {
             weight,
             kernel: k,
@@ -202,21 +210,18 @@ impl CausalConvTranspose {
 
     /// The weight `[c_in, c_out, k]`.
     pub(crate) fn weight(&self) -> Result<Tensor> {
-        match &self.weight {
-            ConvWeight::Ops(w) => Ok(w.clone()),
-            ConvWeight::Panels(p) => {
-                let s = self.stride;
-                let taps = self.kernel.div_ceil(s);
-                let (rows, cols) = p.dims();
-                let (c_out, c_in) = (rows / s, cols / taps);
-                Tensor::from_vec(p.unpack(), (s, c_out, taps, c_in), &Device::Cpu)?
-                    .index_select(&reversed(taps, &Device::Cpu)?, 2)?
-                    .permute((3, 1, 2, 0))?
-                    .reshape((c_in, c_out, taps * s))?
-                    .narrow(2, 0, self.kernel)?
-                    .contiguous()
-            }
-        }
+        self.weight.candle_layout(|m| {
+            let s = self.stride;
+            let taps = self.kernel.div_ceil(s);
+            let (rows, cols) = m.dims2()?;
+            let (c_out, c_in) = (rows / s, cols / taps);
+            m.reshape((s, c_out, taps, c_in))?
+                .index_select(&reversed(taps, &Device::Cpu)?, 2)?
+                .permute((3, 1, 2, 0))?
+                .reshape((c_in, c_out, taps * s))?
+                .narrow(2, 0, self.kernel)?
+                .contiguous()
+        })
     }
 
     /// Inputs whose overlapping outputs reach into the next input's span.
