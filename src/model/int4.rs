@@ -1,6 +1,6 @@
 //! 4-bit weights for `--quant q4`: ggml's Q4_1 blocks (32 values, an f16 scale and an f16
 //! minimum each), found by a least-squares search instead of Q4_1's min/max, and packed in
-//! strips of eight outputs for an AVX2 kernel and an AVX-512 VNNI one.
+//! units of 32 outputs for an AVX2 kernel and an AVX-512 VNNI one.
 //!
 //! Why Q4_1 and this kernel: the 4-bit values are unsigned, so `maddubs` multiplies them
 //! against the signed int8 activations directly, and eight such products add up in 16 bits
@@ -16,16 +16,18 @@ use half::f16;
 use rayon::prelude::*;
 
 use super::int8::{
-    in_passes, padded_strips, prefetch, round_away, Activations, CpuKernel, Extra, StripKernels,
-    StripOut, BLOCK, PREFETCH, STRIP,
+    in_passes, prefetch, round_away, Activations, CpuKernel, Extra, StripKernels, StripOut, BLOCK,
+    PREFETCH, STRIP, UNIT,
 };
 
 /// Activation rows per pass over a strip's weights (AVX2: 16 registers).
 const ROWS_PER_PASS: usize = 4;
 /// The same with VNNI (AVX-512: 32 registers, and no 16-bit sums to widen).
 const ROWS_PER_PASS_VNNI: usize = 6;
-/// Bytes per strip and block: 8 outputs × 32 values, two values a byte.
-const TILE: usize = STRIP * BLOCK / 2;
+/// Bytes per unit and block: 32 outputs × 32 values, two values a byte.
+const TILE: usize = UNIT * BLOCK / 2;
+/// Bytes per group of a tile: 32 outputs × 8 values.
+const GROUP: usize = UNIT * 4;
 /// ggml's `block_q4_1`: f16 scale, f16 minimum, 16 bytes of values.
 pub const GGML_BLOCK_BYTES: usize = 4 + BLOCK / 2;
 
@@ -139,15 +141,16 @@ impl GgmlQ4_1 {
     }
 }
 
-/// A weight matrix `[out, inp]` of Q4_1 blocks in strips of eight outputs.
+/// A weight matrix `[out, inp]` of Q4_1 blocks in units of 32 outputs (four strips of eight).
 pub struct Q4Weights {
     out: usize,
     inp: usize,
     blocks: usize,
-    /// Per strip and block, four 32-byte registers; byte `lane * 4 + k` of register `p` holds
-    /// input `8p + k` of output `lane` in its low nibble and input `8p + 4 + k` in its high one.
+    /// Per unit and block, four 128-byte groups; byte `lane * 4 + k` of group `p` holds input
+    /// `8p + k` of output `lane` in its low nibble and input `8p + 4 + k` in its high one. A
+    /// group is two 512-bit registers for VNNI, or four strips' 256-bit ones for AVX2.
     quants: Vec<u8>,
-    /// Per strip and block: the 8 outputs' scales, then their minimums (f16 bits).
+    /// Per unit and block: the 32 outputs' scales, then their minimums (f16 bits).
     scales: Vec<u16>,
 }
 
@@ -158,7 +161,7 @@ impl std::fmt::Debug for Q4Weights {
 }
 
 impl Q4Weights {
-    /// `w` is `[out, inp]`, row-major; `inp` is a multiple of [`BLOCK`]. Strips are
+    /// `w` is `[out, inp]`, row-major; `inp` is a multiple of [`BLOCK`]. Units are
     /// quantized in parallel.
     pub fn quantize(w: &[f32], out: usize, inp: usize) -> Result<Self> {
         if inp == 0 || !inp.is_multiple_of(BLOCK) || w.len() != out * inp {
@@ -168,25 +171,25 @@ impl Q4Weights {
             );
         }
         let blocks = inp / BLOCK;
-        let strips = padded_strips(out);
-        let mut quants = vec![0u8; strips * blocks * TILE];
-        let mut scales = vec![0u16; strips * blocks * 2 * STRIP];
+        let units = out.div_ceil(UNIT);
+        let mut quants = vec![0u8; units * blocks * TILE];
+        let mut scales = vec![0u16; units * blocks * 2 * UNIT];
         quants
             .par_chunks_mut(blocks * TILE)
-            .zip(scales.par_chunks_mut(blocks * 2 * STRIP))
+            .zip(scales.par_chunks_mut(blocks * 2 * UNIT))
             .enumerate()
-            .for_each(|(s, (quants, scales))| {
-                for lane in 0..STRIP.min(out.saturating_sub(s * STRIP)) {
-                    let row = &w[(s * STRIP + lane) * inp..][..inp];
+            .for_each(|(u, (quants, scales))| {
+                for lane in 0..UNIT.min(out.saturating_sub(u * UNIT)) {
+                    let row = &w[(u * UNIT + lane) * inp..][..inp];
                     for (b, xs) in row.chunks_exact(BLOCK).enumerate() {
                         let block = Q4Block::quantize(xs);
                         let tile = &mut quants[b * TILE..][..TILE];
                         for (k, &v) in block.q.iter().enumerate() {
                             let (p, half, k) = (k / 8, (k / 4) % 2, k % 4);
-                            tile[p * 32 + lane * 4 + k] |= v << (4 * half);
+                            tile[p * GROUP + lane * 4 + k] |= v << (4 * half);
                         }
-                        scales[b * 2 * STRIP + lane] = block.d.to_bits();
-                        scales[b * 2 * STRIP + STRIP + lane] = block.m.to_bits();
+                        scales[b * 2 * UNIT + lane] = block.d.to_bits();
+                        scales[b * 2 * UNIT + UNIT + lane] = block.m.to_bits();
                     }
                 }
             });
@@ -201,15 +204,15 @@ impl Q4Weights {
 
     /// Block `b` of output `o`, as it is stored.
     pub fn block(&self, o: usize, b: usize) -> Q4Block {
-        let (s, lane) = (o / STRIP, o % STRIP);
-        let tile = &self.quants[(s * self.blocks + b) * TILE..][..TILE];
-        let scales = &self.scales[(s * self.blocks + b) * 2 * STRIP..][..2 * STRIP];
+        let (u, lane) = (o / UNIT, o % UNIT);
+        let tile = &self.quants[(u * self.blocks + b) * TILE..][..TILE];
+        let scales = &self.scales[(u * self.blocks + b) * 2 * UNIT..][..2 * UNIT];
         Q4Block {
             d: f16::from_bits(scales[lane]),
-            m: f16::from_bits(scales[STRIP + lane]),
+            m: f16::from_bits(scales[UNIT + lane]),
             q: std::array::from_fn(|k| {
                 let (p, half, k) = (k / 8, (k / 4) % 2, k % 4);
-                (tile[p * 32 + lane * 4 + k] >> (4 * half)) & 0x0F
+                (tile[p * GROUP + lane * 4 + k] >> (4 * half)) & 0x0F
             }),
         }
     }
@@ -231,18 +234,28 @@ impl Q4Weights {
         GgmlQ4_1 { words }
     }
 
+    /// The unit whose first strip is `s`: its tiles and scales.
+    fn unit(&self, s: usize) -> (&[u8], &[u16]) {
+        let u = s / 4;
+        (
+            &self.quants[u * self.blocks * TILE..][..self.blocks * TILE],
+            &self.scales[u * self.blocks * 2 * UNIT..][..self.blocks * 2 * UNIT],
+        )
+    }
+
     /// The same sums in plain code (see [`StripKernels::plain`]).
-    fn strip_plain(&self, s: usize, a: &Activations, y: &StripOut) {
+    fn unit_plain(&self, s: usize, a: &Activations, y: &StripOut) {
+        let first = s * STRIP;
         for r in 0..a.rows {
-            let mut acc = [0f32; STRIP];
+            let mut acc = [0f32; UNIT];
             for b in 0..self.blocks {
                 let xq = &a.quants[r * self.inp + b * BLOCK..][..BLOCK];
                 let at = r * self.blocks + b;
                 for (lane, acc) in acc.iter_mut().enumerate() {
-                    if s * STRIP + lane >= self.out {
+                    if first + lane >= self.out {
                         break;
                     }
-                    let block = self.block(s * STRIP + lane, b);
+                    let block = self.block(first + lane, b);
                     let dot: i32 = (block.q.iter().zip(xq))
                         .map(|(&q, &x)| q as i32 * x as i32)
                         .sum();
@@ -256,13 +269,14 @@ impl Q4Weights {
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn strip_avx2(&self, s: usize, a: &Activations, dst: &StripOut) {
+    unsafe fn unit_avx2(&self, s: usize, a: &Activations, dst: &StripOut) {
         in_passes!(self.rows_avx2, ROWS_PER_PASS, s, a, dst)
     }
 
-    /// Rows `r0..r0 + R` of strip `s`. Per register of 64 values, the low and high nibbles
-    /// are split once and multiplied against each row's broadcast activation bytes; a block's
-    /// eight products per lane add up in i16, then become i32 and f32 once per block.
+    /// Rows `r0..r0 + R` of the unit at strip `s`, block by block and, in a block, strip by
+    /// strip (the block's 512 bytes stay in L1). Per register of 64 values, the low and high
+    /// nibbles are split once and multiplied against each row's broadcast activation bytes; a
+    /// block's eight products per lane add up in i16, then become i32 and f32 once per block.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
@@ -277,67 +291,72 @@ impl Q4Weights {
         debug_assert!(r0 + R <= a.rows);
         let ones = _mm256_set1_epi16(1);
         let nibble = _mm256_set1_epi8(0x0F);
-        let mut acc = [_mm256_setzero_ps(); R];
-        // SAFETY (pointer arithmetic below): a strip holds `blocks` tiles of TILE bytes and
-        // `blocks * 2 * STRIP` scales; each activation row holds `inp` bytes.
-        let tiles = self.quants.as_ptr().add(s * self.blocks * TILE);
-        let scales = self.scales.as_ptr().add(s * self.blocks * 2 * STRIP);
+        let mut acc = [[_mm256_setzero_ps(); 4]; R];
+        let (tiles, scales) = self.unit(s);
+        // SAFETY (pointer arithmetic below): a unit holds `blocks` tiles of TILE bytes and
+        // `blocks * 2 * UNIT` scales; each activation row holds `inp` bytes and `blocks`
+        // scales and sums.
+        let (tiles, scales) = (tiles.as_ptr(), scales.as_ptr());
         let xs: [*const i32; R] =
             std::array::from_fn(|i| a.quants.as_ptr().add((r0 + i) * self.inp) as *const i32);
         for b in 0..self.blocks {
-            let mut sums = [_mm256_setzero_si256(); R];
-            for p in 0..4 {
-                let v = _mm256_loadu_si256(tiles.add(b * TILE + p * 32) as *const __m256i);
-                if p % 2 == 0 {
-                    prefetch(tiles.wrapping_add(b * TILE + p * 32 + PREFETCH));
+            // `k` picks the strip's weights and scales as well as its accumulators.
+            #[allow(clippy::needless_range_loop)]
+            for k in 0..4 {
+                let mut sums = [_mm256_setzero_si256(); R];
+                for p in 0..4 {
+                    let at = b * TILE + p * GROUP + k * 32;
+                    let v = _mm256_loadu_si256(tiles.add(at) as *const __m256i);
+                    if k % 2 == 0 {
+                        prefetch(tiles.wrapping_add(at + PREFETCH));
+                    }
+                    let low = _mm256_and_si256(v, nibble);
+                    let high = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+                    let word = b * BLOCK / 4 + 2 * p;
+                    for i in 0..R {
+                        let x0 = _mm256_set1_epi32(xs[i].add(word).read_unaligned());
+                        let x1 = _mm256_set1_epi32(xs[i].add(word + 1).read_unaligned());
+                        let both = _mm256_add_epi16(
+                            _mm256_maddubs_epi16(low, x0),
+                            _mm256_maddubs_epi16(high, x1),
+                        );
+                        sums[i] = _mm256_add_epi16(sums[i], both);
+                    }
                 }
-                let low = _mm256_and_si256(v, nibble);
-                let high = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
-                let at = b * BLOCK / 4 + 2 * p;
+                let sc = scales.add(b * 2 * UNIT + k * STRIP);
+                let d = _mm256_cvtph_ps(_mm_loadu_si128(sc as *const __m128i));
+                let m = _mm256_cvtph_ps(_mm_loadu_si128(sc.add(UNIT) as *const __m128i));
                 for i in 0..R {
-                    let x0 = _mm256_set1_epi32(xs[i].add(at).read_unaligned());
-                    let x1 = _mm256_set1_epi32(xs[i].add(at + 1).read_unaligned());
-                    let both = _mm256_add_epi16(
-                        _mm256_maddubs_epi16(low, x0),
-                        _mm256_maddubs_epi16(high, x1),
+                    let at = (r0 + i) * self.blocks + b;
+                    let dxd = _mm256_mul_ps(d, _mm256_set1_ps(*a.scales.get_unchecked(at)));
+                    let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(sums[i], ones));
+                    acc[i][k] = _mm256_fmadd_ps(
+                        m,
+                        _mm256_set1_ps(*a.sums.get_unchecked(at)),
+                        _mm256_fmadd_ps(dot, dxd, acc[i][k]),
                     );
-                    sums[i] = _mm256_add_epi16(sums[i], both);
                 }
-            }
-            let d = _mm256_cvtph_ps(_mm_loadu_si128(scales.add(b * 2 * STRIP) as *const __m128i));
-            let m = _mm256_cvtph_ps(_mm_loadu_si128(
-                scales.add(b * 2 * STRIP + STRIP) as *const __m128i
-            ));
-            for i in 0..R {
-                let at = (r0 + i) * self.blocks + b;
-                let dxd = _mm256_mul_ps(d, _mm256_set1_ps(a.scales[at]));
-                let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(sums[i], ones));
-                acc[i] = _mm256_fmadd_ps(
-                    m,
-                    _mm256_set1_ps(a.sums[at]),
-                    _mm256_fmadd_ps(dot, dxd, acc[i]),
-                );
             }
         }
         for (i, acc) in acc.iter().enumerate() {
-            let mut lanes = [0f32; STRIP];
-            _mm256_storeu_ps(lanes.as_mut_ptr(), *acc);
+            let mut lanes = [0f32; UNIT];
+            for (k, acc) in acc.iter().enumerate() {
+                _mm256_storeu_ps(lanes.as_mut_ptr().add(k * STRIP), *acc);
+            }
             dst.put(r0 + i, &lanes);
         }
     }
 
-    /// [`Self::strip_avx2`] with AVX-512 VNNI, for strips `s` and `s + 1` at once (the weights
-    /// are padded to an even number of strips).
+    /// [`Self::unit_avx2`] with AVX-512 VNNI: a group's 32 outputs in two registers.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
-    unsafe fn strip_vnni(&self, s: usize, a: &Activations, dst: &StripOut) {
+    unsafe fn unit_vnni(&self, s: usize, a: &Activations, dst: &StripOut) {
         in_passes!(self.rows_vnni, ROWS_PER_PASS_VNNI, s, a, dst)
     }
 
-    /// Rows `r0..r0 + R` of strips `s` and `s + 1` (one 512-bit register of 16 outputs) with
-    /// `vpdpbusd`: the unsigned nibbles times the signed activation bytes, four products into
-    /// each i32 lane, with separate chains for low and high nibbles so that its latency
-    /// overlaps.
+    /// Rows `r0..r0 + R` of the unit at strip `s` with `vpdpbusd`: the unsigned nibbles times
+    /// the signed activation bytes, four products into each i32 lane; the two registers of a
+    /// group and the rows make independent chains, so its latency overlaps.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
     #[inline]
@@ -349,58 +368,59 @@ impl Q4Weights {
         dst: &StripOut,
     ) {
         use std::arch::x86_64::*;
-        debug_assert!(r0 + R <= a.rows && s + 1 < padded_strips(self.out));
+        debug_assert!(r0 + R <= a.rows);
         let nibble = _mm512_set1_epi8(0x0F);
-        let mut acc = [_mm512_setzero_ps(); R];
-        // SAFETY (pointer arithmetic below): a strip holds `blocks` tiles of TILE bytes and
-        // `blocks * 2 * STRIP` scales, strip `s + 1` exists (padding), and each activation row
-        // holds `inp` bytes.
-        let tiles = [s, s + 1].map(|s| self.quants.as_ptr().add(s * self.blocks * TILE));
-        let scales = [s, s + 1].map(|s| self.scales.as_ptr().add(s * self.blocks * 2 * STRIP));
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        let (tiles, scales) = self.unit(s);
+        // SAFETY (pointer arithmetic below): as in `rows_avx2`.
+        let (tiles, scales) = (tiles.as_ptr(), scales.as_ptr());
         let xs: [*const i32; R] =
             std::array::from_fn(|i| a.quants.as_ptr().add((r0 + i) * self.inp) as *const i32);
-        let pair = |at: [*const u16; 2]| {
-            let [h0, h1] = at.map(|p| _mm_loadu_si128(p as *const __m128i));
-            _mm512_cvtph_ps(_mm256_inserti128_si256::<1>(_mm256_castsi128_si256(h0), h1))
-        };
         for b in 0..self.blocks {
-            let mut lows = [_mm512_setzero_si512(); R];
-            let mut highs = [_mm512_setzero_si512(); R];
+            let mut sums = [[_mm512_setzero_si512(); 2]; R];
             for p in 0..4 {
-                let at = b * TILE + p * 32;
-                let [v0, v1] = tiles.map(|t| _mm256_loadu_si256(t.add(at) as *const __m256i));
-                let v = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(v0), v1);
-                if p % 2 == 0 {
-                    tiles
-                        .iter()
-                        .for_each(|t| prefetch(t.wrapping_add(at + PREFETCH)));
-                }
-                let low = _mm512_and_si512(v, nibble);
-                let high = _mm512_and_si512(_mm512_srli_epi16::<4>(v), nibble);
+                let group = tiles.add(b * TILE + p * GROUP);
+                let v0 = _mm512_loadu_si512(group as *const __m512i);
+                let v1 = _mm512_loadu_si512(group.add(64) as *const __m512i);
+                prefetch(group.wrapping_add(PREFETCH));
+                prefetch(group.wrapping_add(PREFETCH + 64));
+                let lo0 = _mm512_and_si512(v0, nibble);
+                let hi0 = _mm512_and_si512(_mm512_srli_epi16::<4>(v0), nibble);
+                let lo1 = _mm512_and_si512(v1, nibble);
+                let hi1 = _mm512_and_si512(_mm512_srli_epi16::<4>(v1), nibble);
                 let word = b * BLOCK / 4 + 2 * p;
                 for i in 0..R {
                     let x0 = _mm512_set1_epi32(xs[i].add(word).read_unaligned());
                     let x1 = _mm512_set1_epi32(xs[i].add(word + 1).read_unaligned());
-                    lows[i] = _mm512_dpbusd_epi32(lows[i], low, x0);
-                    highs[i] = _mm512_dpbusd_epi32(highs[i], high, x1);
+                    sums[i][0] = _mm512_dpbusd_epi32(sums[i][0], lo0, x0);
+                    sums[i][1] = _mm512_dpbusd_epi32(sums[i][1], lo1, x0);
+                    sums[i][0] = _mm512_dpbusd_epi32(sums[i][0], hi0, x1);
+                    sums[i][1] = _mm512_dpbusd_epi32(sums[i][1], hi1, x1);
                 }
             }
-            let d = pair(scales.map(|sc| sc.add(b * 2 * STRIP)));
-            let m = pair(scales.map(|sc| sc.add(b * 2 * STRIP + STRIP)));
+            let sc = scales.add(b * 2 * UNIT);
+            let d0 = _mm512_cvtph_ps(_mm256_loadu_si256(sc as *const __m256i));
+            let d1 = _mm512_cvtph_ps(_mm256_loadu_si256(sc.add(2 * STRIP) as *const __m256i));
+            let m0 = _mm512_cvtph_ps(_mm256_loadu_si256(sc.add(UNIT) as *const __m256i));
+            let m1 = _mm512_cvtph_ps(_mm256_loadu_si256(
+                sc.add(UNIT + 2 * STRIP) as *const __m256i
+            ));
             for i in 0..R {
                 let at = (r0 + i) * self.blocks + b;
-                let dxd = _mm512_mul_ps(d, _mm512_set1_ps(a.scales[at]));
-                let dot = _mm512_cvtepi32_ps(_mm512_add_epi32(lows[i], highs[i]));
-                acc[i] = _mm512_fmadd_ps(
-                    m,
-                    _mm512_set1_ps(a.sums[at]),
-                    _mm512_fmadd_ps(dot, dxd, acc[i]),
-                );
+                let dx = _mm512_set1_ps(*a.scales.get_unchecked(at));
+                let sx = _mm512_set1_ps(*a.sums.get_unchecked(at));
+                let dot0 = _mm512_cvtepi32_ps(sums[i][0]);
+                let dot1 = _mm512_cvtepi32_ps(sums[i][1]);
+                let inner0 = _mm512_fmadd_ps(dot0, _mm512_mul_ps(d0, dx), acc[i][0]);
+                let inner1 = _mm512_fmadd_ps(dot1, _mm512_mul_ps(d1, dx), acc[i][1]);
+                acc[i][0] = _mm512_fmadd_ps(m0, sx, inner0);
+                acc[i][1] = _mm512_fmadd_ps(m1, sx, inner1);
             }
         }
         for (i, acc) in acc.iter().enumerate() {
-            let mut lanes = [0f32; 2 * STRIP];
-            _mm512_storeu_ps(lanes.as_mut_ptr(), *acc);
+            let mut lanes = [0f32; UNIT];
+            _mm512_storeu_ps(lanes.as_mut_ptr(), acc[0]);
+            _mm512_storeu_ps(lanes.as_mut_ptr().add(2 * STRIP), acc[1]);
             dst.put(r0 + i, &lanes);
         }
     }
@@ -416,20 +436,19 @@ impl StripKernels for Q4Weights {
     }
 
     fn plain(&self, s: usize, a: &Activations, dst: &StripOut) {
-        self.strip_plain(s, a, dst)
+        self.unit_plain(s, a, dst)
     }
 
     #[cfg(target_arch = "x86_64")]
     unsafe fn avx2(&self, s: usize, a: &Activations, dst: &StripOut) {
-        self.strip_avx2(s, a, dst)
+        self.unit_avx2(s, a, dst)
     }
 
     #[cfg(target_arch = "x86_64")]
     unsafe fn vnni(&self, s: usize, a: &Activations, dst: &StripOut) {
-        self.strip_vnni(s, a, dst)
+        self.unit_vnni(s, a, dst)
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::super::int8::tests::random;

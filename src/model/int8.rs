@@ -1,7 +1,7 @@
 //! Int8 weights for `--quant q8` (and q4's int8 projections) on x86 CPUs: the blocks and
-//! rounding of ggml's Q8_0 (32 values, one f16 scale each), packed so that one pass over a
-//! strip of eight outputs serves up to six activation rows from registers, by AVX2's `maddubs`
-//! or, where the CPU has it, AVX-512 VNNI's `vpdpbusd`.
+//! rounding of ggml's Q8_0 (32 values, one f16 scale each), packed in units of 32 outputs so
+//! that one pass over a unit's contiguous weights serves up to six activation rows from
+//! registers, by AVX2's `maddubs` or, where the CPU has it, AVX-512 VNNI's `vpdpbusd`.
 //!
 //! candle's own Q8_0 kernel has a packed VNNI path, but on a CPU without VNNI it multiplies one
 //! activation row at a time: the flow head's six rows cost six times one row (14 ms against
@@ -32,10 +32,10 @@ pub(super) const PREFETCH: usize = 8192;
 /// Which kernel the CPU's quantized projections use, decided once per process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CpuKernel {
-    /// This module's and [`int4`](super::int4)'s strips with AVX-512 VNNI's `vpdpbusd`, two
+    /// This module's and [`int4`](super::int4)'s units with AVX-512 VNNI's `vpdpbusd`, two
     /// strips (16 outputs) per 512-bit register.
     Vnni,
-    /// The same strips with AVX2's `maddubs` (x86-64 without VNNI).
+    /// The same units with AVX2's `maddubs`, a strip at a time (x86-64 without VNNI).
     Avx2,
     /// candle's Q8_0 and Q4_1 kernels (other architectures, or on request).
     Candle,
@@ -121,12 +121,6 @@ fn vnni() -> bool {
     false
 }
 
-/// Strips for `out` outputs, rounded up to an even count: the VNNI kernels read strips in
-/// pairs (one 512-bit register), and a last, odd strip is paired with zeros.
-pub(super) fn padded_strips(out: usize) -> usize {
-    out.div_ceil(2 * STRIP) * 2
-}
-
 /// Calls `$kernel::<R>(s, a, r0, dst)` for every row of `a` in passes of up to `$max` rows (a
 /// const from 4 to 6): each kernel is instantiated for each row count a pass can have.
 macro_rules! in_passes {
@@ -148,14 +142,21 @@ macro_rules! in_passes {
 }
 pub(super) use in_passes;
 
-/// A weight matrix `[out, inp]` in strips of eight outputs.
+/// Outputs per unit of [`Q8Weights`]: four strips, two 512-bit registers of i32 lanes.
+pub const UNIT: usize = 4 * STRIP;
+
+/// A weight matrix `[out, inp]` in units of 32 outputs (four strips of eight).
+///
+/// Per unit, block and group of 4 inputs the 32 outputs' 4 bytes are contiguous (128 bytes,
+/// output-major): VNNI reads a group as two whole 512-bit registers, AVX2 a strip's quarter
+/// as one 256-bit register, and a pass over a unit reads one contiguous stream.
 pub struct Q8Weights {
     out: usize,
     inp: usize,
     blocks: usize,
-    /// Per strip, block and group of 4 inputs: 8 outputs x 4 bytes (32 bytes).
+    /// Per unit, block and group of 4 inputs: 32 outputs x 4 bytes (128 bytes).
     quants: Vec<i8>,
-    /// Per strip and block: the 8 outputs' scales (f16 bits).
+    /// Per unit and block: the 32 outputs' scales (f16 bits).
     scales: Vec<u16>,
 }
 
@@ -187,7 +188,7 @@ pub(super) fn round_away(x: f32) -> i32 {
 }
 
 impl Q8Weights {
-    /// `w` is `[out, inp]`, row-major; `inp` is a multiple of [`BLOCK`]. Strips are packed in
+    /// `w` is `[out, inp]`, row-major; `inp` is a multiple of [`BLOCK`]. Units are packed in
     /// parallel.
     pub fn quantize(w: &[f32], out: usize, inp: usize) -> Result<Self> {
         if inp == 0 || !inp.is_multiple_of(BLOCK) || w.len() != out * inp {
@@ -197,24 +198,24 @@ impl Q8Weights {
             );
         }
         let blocks = inp / BLOCK;
-        let strips = padded_strips(out);
-        let mut quants = vec![0i8; strips * blocks * STRIP * BLOCK];
-        let mut scales = vec![0u16; strips * blocks * STRIP];
+        let units = out.div_ceil(UNIT);
+        let mut quants = vec![0i8; units * blocks * UNIT * BLOCK];
+        let mut scales = vec![0u16; units * blocks * UNIT];
         quants
-            .par_chunks_mut(blocks * STRIP * BLOCK)
-            .zip(scales.par_chunks_mut(blocks * STRIP))
+            .par_chunks_mut(blocks * UNIT * BLOCK)
+            .zip(scales.par_chunks_mut(blocks * UNIT))
             .enumerate()
-            .for_each(|(s, (quants, scales))| {
+            .for_each(|(u, (quants, scales))| {
                 let mut q = [0i8; BLOCK];
-                for lane in 0..STRIP.min(out.saturating_sub(s * STRIP)) {
-                    let row = &w[(s * STRIP + lane) * inp..][..inp];
+                for lane in 0..UNIT.min(out.saturating_sub(u * UNIT)) {
+                    let row = &w[(u * UNIT + lane) * inp..][..inp];
                     for (b, xs) in row.chunks_exact(BLOCK).enumerate() {
                         let d = quantize_block(xs, &mut q);
-                        let tile = &mut quants[b * STRIP * BLOCK..][..STRIP * BLOCK];
+                        let tile = &mut quants[b * UNIT * BLOCK..][..UNIT * BLOCK];
                         for (k, &v) in q.iter().enumerate() {
-                            tile[(k / 4) * STRIP * 4 + lane * 4 + k % 4] = v;
+                            tile[(k / 4) * UNIT * 4 + lane * 4 + k % 4] = v;
                         }
-                        scales[b * STRIP + lane] = f16::from_f32(d).to_bits();
+                        scales[b * UNIT + lane] = f16::from_f32(d).to_bits();
                     }
                 }
             });
@@ -227,24 +228,38 @@ impl Q8Weights {
         })
     }
 
+    /// Bytes of one unit's weights (all blocks).
+    fn unit_bytes(&self) -> usize {
+        self.blocks * UNIT * BLOCK
+    }
+
+    /// The unit whose first strip is `s` (kernels are called a unit at a time): its weights
+    /// and scales.
+    fn unit(&self, s: usize) -> (&[i8], &[u16]) {
+        let u = s / 4;
+        (
+            &self.quants[u * self.unit_bytes()..][..self.unit_bytes()],
+            &self.scales[u * self.blocks * UNIT..][..self.blocks * UNIT],
+        )
+    }
+
     /// The same sums in plain code (see [`StripKernels::plain`]).
-    fn strip_plain(&self, s: usize, a: &Activations, y: &StripOut) {
-        let tiles = &self.quants[s * self.blocks * STRIP * BLOCK..][..self.blocks * STRIP * BLOCK];
-        let scales = &self.scales[s * self.blocks * STRIP..][..self.blocks * STRIP];
+    fn unit_plain(&self, s: usize, a: &Activations, y: &StripOut) {
+        let (tiles, scales) = self.unit(s);
         for r in 0..a.rows {
-            let mut acc = [0f32; STRIP];
+            let mut acc = [0f32; UNIT];
             for b in 0..self.blocks {
-                let tile = &tiles[b * STRIP * BLOCK..][..STRIP * BLOCK];
+                let tile = &tiles[b * UNIT * BLOCK..][..UNIT * BLOCK];
                 let xq = &a.quants[r * self.inp + b * BLOCK..][..BLOCK];
-                let mut sums = [0i32; STRIP];
+                let mut sums = [0i32; UNIT];
                 for (k, &x) in xq.iter().enumerate() {
                     for (lane, sum) in sums.iter_mut().enumerate() {
-                        *sum += x as i32 * tile[(k / 4) * STRIP * 4 + lane * 4 + k % 4] as i32;
+                        *sum += x as i32 * tile[(k / 4) * UNIT * 4 + lane * 4 + k % 4] as i32;
                     }
                 }
                 let dx = a.scales[r * self.blocks + b];
                 for (lane, acc) in acc.iter_mut().enumerate() {
-                    let dw = f16::from_bits(scales[b * STRIP + lane]).to_f32();
+                    let dw = f16::from_bits(scales[b * UNIT + lane]).to_f32();
                     *acc += sums[lane] as f32 * (dw * dx);
                 }
             }
@@ -252,15 +267,16 @@ impl Q8Weights {
         }
     }
 
-    /// One strip for every row, [`ROWS_PER_PASS`] rows per pass over its weights.
+    /// One unit for every row, [`ROWS_PER_PASS`] rows per pass over its weights.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn strip_avx2(&self, s: usize, a: &Activations, dst: &StripOut) {
+    unsafe fn unit_avx2(&self, s: usize, a: &Activations, dst: &StripOut) {
         in_passes!(self.rows_avx2, ROWS_PER_PASS, s, a, dst)
     }
 
-    /// Rows `r0..r0 + R` of strip `s`. Per group of 4 inputs, each row's 4 activation bytes
-    /// are broadcast; `maddubs` takes their magnitudes (unsigned) against the weights with the
+    /// Rows `r0..r0 + R` of the unit at strip `s`, block by block, each block a strip at a
+    /// time (its 1 KiB stays in L1). Per group of 4 inputs, each row's 4 activation bytes are
+    /// broadcast; `maddubs` takes their magnitudes (unsigned) against the weights with the
     /// activations' signs applied, so no pair sum can exceed 2 * 127 * 127 in i16.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -275,48 +291,58 @@ impl Q8Weights {
         use std::arch::x86_64::*;
         debug_assert!(r0 + R <= a.rows);
         let ones = _mm256_set1_epi16(1);
-        let mut acc = [_mm256_setzero_ps(); R];
-        // SAFETY (pointer arithmetic below): a strip holds `blocks` tiles of STRIP * BLOCK
-        // bytes and `blocks * STRIP` scales; each activation row holds `inp` bytes.
-        let tiles = self.quants.as_ptr().add(s * self.blocks * STRIP * BLOCK);
-        let scales = self.scales.as_ptr().add(s * self.blocks * STRIP);
+        let mut acc = [[_mm256_setzero_ps(); 4]; R];
+        let (tiles, scales) = self.unit(s);
+        // SAFETY (pointer arithmetic below): a unit holds `blocks` tiles of UNIT * BLOCK bytes
+        // and `blocks * UNIT` scales; each activation row holds `inp` bytes.
+        let (tiles, scales) = (tiles.as_ptr(), scales.as_ptr());
         let signed: [*const i32; R] =
             std::array::from_fn(|i| a.quants.as_ptr().add((r0 + i) * self.inp) as *const i32);
         let magnitude: [*const i32; R] =
             std::array::from_fn(|i| a.magnitudes.as_ptr().add((r0 + i) * self.inp) as *const i32);
+        let dx: [*const f32; R] =
+            std::array::from_fn(|i| a.scales.as_ptr().add((r0 + i) * self.blocks));
         for b in 0..self.blocks {
-            let mut sums = [_mm256_setzero_si256(); R];
-            for g in 0..BLOCK / 4 {
-                let at = b * BLOCK / 4 + g;
-                let w = _mm256_loadu_si256(tiles.add(at * STRIP * 4) as *const __m256i);
-                if g % 2 == 0 {
-                    prefetch(tiles.wrapping_add(at * STRIP * 4 + PREFETCH));
+            // `k` picks the strip's weights and scales as well as its accumulators.
+            #[allow(clippy::needless_range_loop)]
+            for k in 0..4 {
+                let mut sums = [_mm256_setzero_si256(); R];
+                for g in 0..BLOCK / 4 {
+                    let at = b * BLOCK / 4 + g;
+                    let group = tiles.add(at * UNIT * 4);
+                    let w = _mm256_loadu_si256(group.add(k * STRIP * 4) as *const __m256i);
+                    if k % 2 == 0 {
+                        prefetch(group.wrapping_add(k * STRIP * 4 + PREFETCH));
+                    }
+                    for i in 0..R {
+                        let xs = _mm256_set1_epi32(signed[i].add(at).read_unaligned());
+                        let xm = _mm256_set1_epi32(magnitude[i].add(at).read_unaligned());
+                        let p = _mm256_maddubs_epi16(xm, _mm256_sign_epi8(w, xs));
+                        sums[i] = _mm256_add_epi32(sums[i], _mm256_madd_epi16(p, ones));
+                    }
                 }
+                let dw = _mm256_cvtph_ps(_mm_loadu_si128(
+                    scales.add(b * UNIT + k * STRIP) as *const __m128i
+                ));
                 for i in 0..R {
-                    let xs = _mm256_set1_epi32(signed[i].add(at).read_unaligned());
-                    let xm = _mm256_set1_epi32(magnitude[i].add(at).read_unaligned());
-                    let p = _mm256_maddubs_epi16(xm, _mm256_sign_epi8(w, xs));
-                    sums[i] = _mm256_add_epi32(sums[i], _mm256_madd_epi16(p, ones));
+                    let d = _mm256_mul_ps(dw, _mm256_set1_ps(*dx[i].add(b)));
+                    acc[i][k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[i]), d, acc[i][k]);
                 }
-            }
-            let dw = _mm256_cvtph_ps(_mm_loadu_si128(scales.add(b * STRIP) as *const __m128i));
-            for i in 0..R {
-                let d = _mm256_mul_ps(dw, _mm256_set1_ps(a.scales[(r0 + i) * self.blocks + b]));
-                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[i]), d, acc[i]);
             }
         }
         for (i, acc) in acc.iter().enumerate() {
-            let mut lanes = [0f32; STRIP];
-            _mm256_storeu_ps(lanes.as_mut_ptr(), *acc);
+            let mut lanes = [0f32; UNIT];
+            for (k, acc) in acc.iter().enumerate() {
+                _mm256_storeu_ps(lanes.as_mut_ptr().add(k * STRIP), *acc);
+            }
             dst.put(r0 + i, &lanes);
         }
     }
 
-    /// [`Self::strip_avx2`] with AVX-512 VNNI, for strips `s` and `s + 1` at once (the weights
-    /// are padded to an even number of strips).
+    /// [`Self::unit_avx2`] with AVX-512 VNNI: a group's 32 outputs in two registers.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
-    unsafe fn strip_vnni(&self, s: usize, a: &Activations, dst: &StripOut) {
+    unsafe fn unit_vnni(&self, s: usize, a: &Activations, dst: &StripOut) {
         if a.rows <= ROWS_PER_PASS_VNNI {
             return in_passes!(self.rows_vnni, ROWS_PER_PASS_VNNI, (s, &[]), a, dst);
         }
@@ -325,49 +351,50 @@ impl Q8Weights {
         in_passes!(self.rows_vnni, ROWS_PER_PASS_VNNI, (s, &excess), a, dst)
     }
 
-    /// Per block of strips `s` and `s + 1`: 128 × the sum of each output's weights, as
-    /// [`Self::rows_vnni`] takes off.
+    /// Per block of the unit at strip `s`: 128 × the sum of each output's weights, as
+    /// [`Self::rows_vnni`] takes off (two registers a block).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
     unsafe fn excess_vnni(&self, s: usize) -> Vec<std::arch::x86_64::__m512i> {
         use std::arch::x86_64::*;
         let offset = _mm512_set1_epi8(-128);
-        let stride = self.blocks * STRIP * BLOCK;
-        // SAFETY: as in `rows_vnni`.
-        let tiles = [s, s + 1].map(|s| self.quants.as_ptr().add(s * stride));
-        (0..self.blocks)
-            .map(|b| {
-                let mut excess = _mm512_setzero_si512();
-                for g in 0..BLOCK / 4 {
-                    let at = (b * BLOCK / 4 + g) * STRIP * 4;
-                    let [w0, w1] = tiles.map(|t| _mm256_loadu_si256(t.add(at) as *const __m256i));
-                    let w = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(w0), w1);
-                    excess = _mm512_dpbusd_epi32(excess, offset, w);
+        let (tiles, _) = self.unit(s);
+        let mut all = Vec::with_capacity(2 * self.blocks);
+        for b in 0..self.blocks {
+            let mut excess = [_mm512_setzero_si512(); 2];
+            for g in 0..BLOCK / 4 {
+                // SAFETY: as in `rows_vnni`.
+                let group = tiles.as_ptr().add((b * BLOCK / 4 + g) * UNIT * 4);
+                for (h, e) in excess.iter_mut().enumerate() {
+                    let w = _mm512_loadu_si512(group.add(h * 64) as *const __m512i);
+                    *e = _mm512_dpbusd_epi32(*e, offset, w);
                 }
-                excess
-            })
-            .collect()
+            }
+            all.extend(excess);
+        }
+        all
     }
 
-    /// Rows `r0..r0 + R` of strips `s` and `s + 1`, one 512-bit register of 16 outputs.
-    /// `vpdpbusd` multiplies unsigned by signed bytes: the activations come offset by 128
-    /// (unsigned, one byte per input, so six rows of a 3072-wide input stay in L1), and one
-    /// more `vpdpbusd` per group, shared by all rows, sums 128 × the weights to take off at the
-    /// end of each block. A broadcast activation word serves 16 outputs (AVX2's serves 8).
+    /// Rows `r0..r0 + R` of the unit at strip `s`. `vpdpbusd` multiplies unsigned by signed
+    /// bytes: the activations come offset by 128 (unsigned, one byte per input, so six rows
+    /// of a 3072-wide input stay in L1), and one more `vpdpbusd` per group and register,
+    /// shared by all rows, sums 128 × the weights to take off at the end of each block
+    /// (`known` holds them precomputed for a prefill's many passes). A broadcast activation
+    /// word serves 32 outputs.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
     #[inline]
     unsafe fn rows_vnni<const R: usize>(
         &self,
-        (s, excess): (usize, &[std::arch::x86_64::__m512i]),
+        (s, known): (usize, &[std::arch::x86_64::__m512i]),
         a: &Activations,
         r0: usize,
         dst: &StripOut,
     ) {
-        if excess.is_empty() {
-            self.rows_vnni_with::<R, false>(s, excess, a, r0, dst)
+        if known.is_empty() {
+            self.rows_vnni_with::<R, false>(s, known, a, r0, dst)
         } else {
-            self.rows_vnni_with::<R, true>(s, excess, a, r0, dst)
+            self.rows_vnni_with::<R, true>(s, known, a, r0, dst)
         }
     }
 
@@ -384,51 +411,57 @@ impl Q8Weights {
         dst: &StripOut,
     ) {
         use std::arch::x86_64::*;
-        debug_assert!(r0 + R <= a.rows && s + 1 < padded_strips(self.out));
+        debug_assert!(r0 + R <= a.rows && (!KNOWN || known.len() == 2 * self.blocks));
         let offset = _mm512_set1_epi8(-128);
-        let mut acc = [_mm512_setzero_ps(); R];
-        // SAFETY (pointer arithmetic below): a strip holds `blocks` tiles of STRIP * BLOCK
-        // bytes and `blocks * STRIP` scales, strip `s + 1` exists (padding), and each row of
-        // `biased` holds `inp` bytes.
-        let stride = self.blocks * STRIP * BLOCK;
-        let tiles = [s, s + 1].map(|s| self.quants.as_ptr().add(s * stride));
-        let scales = [s, s + 1].map(|s| self.scales.as_ptr().add(s * self.blocks * STRIP));
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        let (tiles, scales) = self.unit(s);
+        // SAFETY (pointer arithmetic below): a unit holds `blocks` tiles of UNIT * BLOCK bytes
+        // and `blocks * UNIT` scales; each row of `biased` holds `inp` bytes, of `scales`
+        // `blocks` values.
+        let (tiles, scales) = (tiles.as_ptr(), scales.as_ptr());
         let biased: [*const i32; R] =
             std::array::from_fn(|i| a.biased.as_ptr().add((r0 + i) * self.inp) as *const i32);
+        let dx: [*const f32; R] =
+            std::array::from_fn(|i| a.scales.as_ptr().add((r0 + i) * self.blocks));
         for b in 0..self.blocks {
-            let mut sums = [_mm512_setzero_si512(); R];
-            let mut excess = _mm512_setzero_si512();
+            let mut sums = [[_mm512_setzero_si512(); 2]; R];
+            let (mut e0, mut e1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
             for g in 0..BLOCK / 4 {
-                let at = (b * BLOCK / 4 + g) * STRIP * 4;
-                let [w0, w1] = tiles.map(|t| _mm256_loadu_si256(t.add(at) as *const __m256i));
-                let w = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(w0), w1);
-                if g % 2 == 0 {
-                    tiles
-                        .iter()
-                        .for_each(|t| prefetch(t.wrapping_add(at + PREFETCH)));
-                }
+                let group = tiles.add((b * BLOCK / 4 + g) * UNIT * 4);
+                let w0 = _mm512_loadu_si512(group as *const __m512i);
+                let w1 = _mm512_loadu_si512(group.add(64) as *const __m512i);
                 if !KNOWN {
-                    excess = _mm512_dpbusd_epi32(excess, offset, w);
+                    prefetch(group.wrapping_add(PREFETCH));
+                    prefetch(group.wrapping_add(PREFETCH + 64));
+                    e0 = _mm512_dpbusd_epi32(e0, offset, w0);
+                    e1 = _mm512_dpbusd_epi32(e1, offset, w1);
                 }
                 for i in 0..R {
                     let x = _mm512_set1_epi32(biased[i].add(b * BLOCK / 4 + g).read_unaligned());
-                    sums[i] = _mm512_dpbusd_epi32(sums[i], x, w);
+                    sums[i][0] = _mm512_dpbusd_epi32(sums[i][0], x, w0);
+                    sums[i][1] = _mm512_dpbusd_epi32(sums[i][1], x, w1);
                 }
             }
-            if let (true, Some(&e)) = (KNOWN, known.get(b)) {
-                excess = e;
+            if KNOWN {
+                e0 = *known.get_unchecked(2 * b);
+                e1 = *known.get_unchecked(2 * b + 1);
             }
-            let [d0, d1] = scales.map(|sc| _mm_loadu_si128(sc.add(b * STRIP) as *const __m128i));
-            let dw = _mm512_cvtph_ps(_mm256_inserti128_si256::<1>(_mm256_castsi128_si256(d0), d1));
+            let d0 = _mm512_cvtph_ps(_mm256_loadu_si256(scales.add(b * UNIT) as *const __m256i));
+            let d1 = _mm512_cvtph_ps(_mm256_loadu_si256(
+                scales.add(b * UNIT + 2 * STRIP) as *const __m256i
+            ));
             for i in 0..R {
-                let d = _mm512_mul_ps(dw, _mm512_set1_ps(a.scales[(r0 + i) * self.blocks + b]));
-                let total = _mm512_sub_epi32(sums[i], excess);
-                acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), d, acc[i]);
+                let x = _mm512_set1_ps(*dx[i].add(b));
+                let t0 = _mm512_cvtepi32_ps(_mm512_sub_epi32(sums[i][0], e0));
+                let t1 = _mm512_cvtepi32_ps(_mm512_sub_epi32(sums[i][1], e1));
+                acc[i][0] = _mm512_fmadd_ps(t0, _mm512_mul_ps(d0, x), acc[i][0]);
+                acc[i][1] = _mm512_fmadd_ps(t1, _mm512_mul_ps(d1, x), acc[i][1]);
             }
         }
         for (i, acc) in acc.iter().enumerate() {
-            let mut lanes = [0f32; 2 * STRIP];
-            _mm512_storeu_ps(lanes.as_mut_ptr(), *acc);
+            let mut lanes = [0f32; UNIT];
+            _mm512_storeu_ps(lanes.as_mut_ptr(), acc[0]);
+            _mm512_storeu_ps(lanes.as_mut_ptr().add(2 * STRIP), acc[1]);
             dst.put(r0 + i, &lanes);
         }
     }
@@ -443,18 +476,20 @@ pub trait StripKernels: Sync {
     #[doc(hidden)]
     fn extra(kernel: Option<CpuKernel>) -> Extra;
 
-    /// The strip at `s` in plain code: the fallback, and what the vector kernels are tested
-    /// against.
+    /// The unit of [`UNIT`] outputs whose first strip is `s`, in plain code: the fallback,
+    /// and what the vector kernels are tested against. Weights are padded to whole units.
     #[doc(hidden)]
     fn plain(&self, s: usize, a: &Activations, dst: &StripOut);
 
+    /// The same unit with AVX2.
+    ///
     /// # Safety
     /// The CPU has AVX2, FMA and F16C.
     #[cfg(target_arch = "x86_64")]
     #[doc(hidden)]
     unsafe fn avx2(&self, s: usize, a: &Activations, dst: &StripOut);
 
-    /// Strips `s` and `s + 1` (the weights are padded to an even number of strips).
+    /// The same unit with AVX-512 VNNI.
     ///
     /// # Safety
     /// The CPU has AVX2, FMA, F16C and AVX-512 F/BW/VNNI.
@@ -473,17 +508,12 @@ pub trait StripKernels: Sync {
     fn matmul_with(&self, x: &[f32], rows: usize, kernel: Option<CpuKernel>) -> Result<Vec<f32>> {
         let kernel = CpuKernel::for_rows(kernel, rows);
         let (out, inp) = self.dims();
-        let width = if kernel == Some(CpuKernel::Vnni) {
-            2
-        } else {
-            1
-        };
         by_strips(
             x,
             rows,
             inp,
             out,
-            (Self::extra(kernel), width),
+            (Self::extra(kernel), UNIT / STRIP),
             |s, acts, y| {
                 #[cfg(target_arch = "x86_64")]
                 match kernel {
@@ -512,17 +542,17 @@ impl StripKernels for Q8Weights {
     }
 
     fn plain(&self, s: usize, a: &Activations, dst: &StripOut) {
-        self.strip_plain(s, a, dst)
+        self.unit_plain(s, a, dst)
     }
 
     #[cfg(target_arch = "x86_64")]
     unsafe fn avx2(&self, s: usize, a: &Activations, dst: &StripOut) {
-        self.strip_avx2(s, a, dst)
+        self.unit_avx2(s, a, dst)
     }
 
     #[cfg(target_arch = "x86_64")]
     unsafe fn vnni(&self, s: usize, a: &Activations, dst: &StripOut) {
-        self.strip_vnni(s, a, dst)
+        self.unit_vnni(s, a, dst)
     }
 }
 
@@ -696,8 +726,8 @@ impl StripOut<'_> {
 }
 
 /// `x` `[rows, inp]` quantized once (into this thread's scratch), then `strip(s, acts, y)`
-/// in parallel for every `width` strips of eight outputs (`y` covers strips `s..s + width`, or
-/// fewer at the end); returns `[rows, out]`. The only allocation is the result.
+/// in parallel for every `width` strips of eight outputs (a unit: `y` covers strips
+/// `s..s + width`, or fewer at the end); returns `[rows, out]`. The only allocation is the result.
 pub(super) fn by_strips(
     x: &[f32],
     rows: usize,
