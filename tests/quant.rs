@@ -78,3 +78,63 @@ fn track_f32(quant: Quant) {
     assert_eq!(wave.len(), 6 * 1920);
     assert!(wave.iter().all(|v| v.is_finite()));
 }
+
+/// On the CPU in f32 the flow head runs its layers on host buffers; it must give what
+/// candle's ops give on the same weights, for f32, q8 and q4 projections, one state (six
+/// rows a layer) and three (eighteen: several passes per unit), with the trace.
+#[test]
+fn flow_head_on_host_buffers_matches_candles_ops() {
+    let loaded: Vec<(Quant, Voxtral)> = [Quant::Q8, Quant::Q4]
+        .into_iter()
+        .map(|quant| {
+            let opts = LoadOptions {
+                quant,
+                ..Default::default()
+            };
+            (quant, Voxtral::load(&fixture_dir(), &opts).unwrap())
+        })
+        .collect();
+    let models = std::iter::once((Quant::None, model())).chain(loaded.iter().map(|(q, m)| (*q, m)));
+    let cases = ["last_noise", "last_zero", "rand_noise"];
+    for (quant, m) in models {
+        for b in [1, 3] {
+            let hs: Vec<_> = cases[..b]
+                .iter()
+                .map(|c| golden(&format!("ac_{c}_hidden")))
+                .collect();
+            let h = candle_core::Tensor::stack(&hs, 0).unwrap();
+            let noise: Vec<Vec<f32>> = cases[..b]
+                .iter()
+                .map(|c| golden_f32(&format!("ac_{c}_noise")))
+                .collect();
+            let (mut t_host, mut t_ops) = Default::default();
+            let host = m
+                .head()
+                .integrate_batch(&h, &noise, 1.2, Some(&mut t_host))
+                .unwrap();
+            let ops = m
+                .head()
+                .integrate_batch_ops(&h, &noise, 1.2, Some(&mut t_ops))
+                .unwrap();
+            assert_eq!(host.len(), b);
+            for (r, (x, y)) in host.iter().zip(&ops).enumerate() {
+                assert_close(&format!("{quant:?} b={b} row {r}"), x, y, 1e-5, 1e-5);
+            }
+            let flat = |v: &Vec<Vec<f32>>| v.concat();
+            let (th, to): (
+                &voxtrald::model::flow::FlowTrace,
+                &voxtrald::model::flow::FlowTrace,
+            ) = (&t_host, &t_ops);
+            assert_eq!(th.t, to.t);
+            assert_close("v_cond", &flat(&th.v_cond), &flat(&to.v_cond), 1e-5, 1e-5);
+            assert_close(
+                "v_uncond",
+                &flat(&th.v_uncond),
+                &flat(&to.v_uncond),
+                1e-5,
+                1e-5,
+            );
+            assert!(th.v_cond.concat().iter().any(|v| *v != 0.0));
+        }
+    }
+}

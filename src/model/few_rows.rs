@@ -29,7 +29,25 @@ pub fn matmul(w: &[f32], out: usize, x: &[f32], rows: usize) -> Result<Vec<f32>>
     matmul_with(w, out, x, rows, available())
 }
 
+/// [`matmul`] into `y` (`rows * out` values), which it overwrites: no allocation.
+pub fn matmul_into(w: &[f32], out: usize, x: &[f32], rows: usize, y: &mut [f32]) -> Result<()> {
+    matmul_into_with(w, out, x, rows, available(), y)
+}
+
 fn matmul_with(w: &[f32], out: usize, x: &[f32], rows: usize, vector: bool) -> Result<Vec<f32>> {
+    let mut y = vec![0f32; rows * out];
+    matmul_into_with(w, out, x, rows, vector, &mut y)?;
+    Ok(y)
+}
+
+fn matmul_into_with(
+    w: &[f32],
+    out: usize,
+    x: &[f32],
+    rows: usize,
+    vector: bool,
+    y: &mut [f32],
+) -> Result<()> {
     let inp = w.len().checked_div(out).unwrap_or(0);
     if out == 0 || inp == 0 || w.len() != out * inp || x.len() != rows * inp {
         candle_core::bail!(
@@ -38,8 +56,13 @@ fn matmul_with(w: &[f32], out: usize, x: &[f32], rows: usize, vector: bool) -> R
             x.len()
         );
     }
+    if y.len() != rows * out {
+        candle_core::bail!(
+            "few-rows projection: room for {} values, not {rows} x {out}",
+            y.len()
+        );
+    }
     let vector = vector && avx2();
-    let mut y = vec![0f32; rows * out];
     let shared = Out {
         ptr: y.as_mut_ptr(),
         rows,
@@ -61,7 +84,7 @@ fn matmul_with(w: &[f32], out: usize, x: &[f32], rows: usize, vector: bool) -> R
             }
             task_plain(w, n, inp, x, rows, &y)
         });
-    Ok(y)
+    Ok(())
 }
 
 /// The output `[rows, out]` as the parallel tasks share it.
@@ -71,7 +94,7 @@ struct Out {
     out: usize,
 }
 
-// SAFETY: only `matmul_with` makes one, over a buffer that outlives its parallel loop, and it
+// SAFETY: only `matmul_into_with` makes one, over a buffer that outlives its parallel loop, and it
 // hands each task (visited once) `Columns` of its own outputs, so no two threads write one
 // element.
 unsafe impl Sync for Out {}

@@ -5,7 +5,8 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{linear_no_bias, Linear, VarBuilder};
 
 use super::config::{ModelConfig, END_AUDIO, SPECIAL_CODES};
-use super::nn::{argmax_in, attention, Proj, Quant, RmsNorm, TransformerLayer};
+use super::host::{rms_norm, room, LayerScratch};
+use super::nn::{argmax_in, attention, with_host_f32, Proj, Quant, RmsNorm, TransformerLayer};
 
 /// Intermediate values of one frame's ODE, for parity checks.
 #[derive(Debug, Default, Clone)]
@@ -33,6 +34,45 @@ pub struct AcousticHead {
     n_acoustic: usize,
     noise_scale: f32,
     dtype: DType,
+    /// On the CPU in f32: the layers on host buffers instead of candle's ops.
+    host: Option<HostFlow>,
+}
+
+/// What the flow head keeps to run on host buffers (see [`super::host`]).
+struct HostFlow {
+    /// `input_projection` `[dim, A]`.
+    input: Vec<f32>,
+    /// `acoustic_codebook_output` `[A, dim]`.
+    output: Vec<f32>,
+    /// `step_times` `[K, dim]`.
+    times: Vec<f32>,
+    /// Buffers kept from frame to frame (a second caller at the same time gets fresh ones).
+    scratch: std::sync::Mutex<FlowScratch>,
+}
+
+#[derive(Default)]
+struct FlowScratch {
+    layer: LayerScratch,
+    /// Projected backbone states `[B, dim]`.
+    states: Vec<f32>,
+    /// ODE states `[B, A]`.
+    x: Vec<f32>,
+    /// Token rows `[2B, 3, dim]`.
+    z: Vec<f32>,
+    /// Normed token-0 rows `[2B, dim]`.
+    normed: Vec<f32>,
+    /// Velocities `[2B, A]`.
+    velocity: Vec<f32>,
+}
+
+/// `y[r][o] = Σ_i x[r][i] · w[o][i]` for `w` `[out, in]` (small projections).
+fn dense(w: &[f32], out: usize, x: &[f32], y: &mut [f32]) {
+    let inp = w.len() / out.max(1);
+    for (x, y) in x.chunks_exact(inp).zip(y.chunks_exact_mut(out)) {
+        for (y, w) in y.iter_mut().zip(w.chunks_exact(inp)) {
+            *y = x.iter().zip(w).map(|(a, b)| a * b).sum();
+        }
+    }
 }
 
 /// Sinusoidal time embedding, cos half first, `t` in [0, 1].
@@ -86,16 +126,26 @@ impl AcousticHead {
         }
         let temb = Tensor::from_vec(temb, (steps, d), vb.device())?.to_dtype(vb.dtype())?;
         let step_times = time_projection.forward(&temb)?;
+        let input_projection = linear_no_bias(a.n_acoustic_codebook, d, vb.pp("input_projection"))?;
+        let acoustic_codebook_output =
+            linear_no_bias(d, a.n_acoustic_codebook, vb.pp("acoustic_codebook_output"))?;
+        let host = if vb.device().is_cpu() && vb.dtype() == DType::F32 {
+            let values = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+            Some(HostFlow {
+                input: values(input_projection.weight())?,
+                output: values(acoustic_codebook_output.weight())?,
+                times: values(&step_times)?,
+                scratch: Default::default(),
+            })
+        } else {
+            None
+        };
         Ok(Self {
-            input_projection: linear_no_bias(a.n_acoustic_codebook, d, vb.pp("input_projection"))?,
+            input_projection,
             llm_projection: Proj::load(vb.pp("llm_projection"), f.input_dim, d, quant)?,
             layers,
             norm: RmsNorm::load(vb.pp("norm"), d, f.norm_eps)?,
-            acoustic_codebook_output: linear_no_bias(
-                d,
-                a.n_acoustic_codebook,
-                vb.pp("acoustic_codebook_output"),
-            )?,
+            acoustic_codebook_output,
             semantic_codebook_output: vb
                 .get_unchecked_dtype("semantic_codebook_output.weight", DType::F32)?,
             step_times,
@@ -105,6 +155,7 @@ impl AcousticHead {
             n_acoustic: a.n_acoustic_codebook,
             noise_scale: f.sigma_max as f32,
             dtype: vb.dtype(),
+            host,
         })
     }
 
@@ -189,9 +240,8 @@ impl AcousticHead {
         h: &Tensor,
         noise: &[Vec<f32>],
         cfg_alpha: f32,
-        mut trace: Option<&mut FlowTrace>,
+        trace: Option<&mut FlowTrace>,
     ) -> Result<Vec<Vec<f32>>> {
-        let dev = self.device();
         let b = h.dim(0)?;
         if noise.len() != b || noise.iter().any(|n| n.len() != self.n_acoustic) {
             return Err(candle_core::Error::Msg(format!(
@@ -200,6 +250,97 @@ impl AcousticHead {
                 self.n_acoustic
             )));
         }
+        match &self.host {
+            Some(host) => self.integrate_host(host, h, noise, cfg_alpha, trace),
+            None => self.integrate_batch_ops(h, noise, cfg_alpha, trace),
+        }
+    }
+
+    /// [`Self::integrate_batch`] on host buffers: the same steps, each layer by
+    /// [`TransformerLayer::forward_host`].
+    fn integrate_host(
+        &self,
+        host: &HostFlow,
+        h: &Tensor,
+        noise: &[Vec<f32>],
+        cfg_alpha: f32,
+        mut trace: Option<&mut FlowTrace>,
+    ) -> Result<Vec<Vec<f32>>> {
+        let mut kept = host.scratch.try_lock();
+        let mut fresh = FlowScratch::default();
+        let s = kept.as_deref_mut().unwrap_or(&mut fresh);
+        let (b, a) = (noise.len(), self.n_acoustic);
+        let d = self.llm_projection.out_features()?;
+        let n = 2 * b;
+        let Some((last, layers)) = self.layers.split_last() else {
+            candle_core::bail!("the flow head has no layers");
+        };
+        let states = room(&mut s.states, b * d);
+        with_host_f32(h, |h| self.llm_projection.forward_host(h, b, states))?;
+        let x = room(&mut s.x, b * a);
+        for (x, noise) in x.chunks_exact_mut(a).zip(noise) {
+            x.copy_from_slice(noise);
+        }
+        // The coefficients in f32, as the reference computes them.
+        let dt = 1.0 / self.steps as f32;
+        let (alpha, beta) = (cfg_alpha, 1.0 - cfg_alpha);
+        let (norm_w, eps) = self.norm.parts();
+        for i in 0..self.steps {
+            // Three tokens per row: noisy acoustic vector, time, backbone state (zero for the
+            // unconditional rows b..2b).
+            let z = room(&mut s.z, n * 3 * d);
+            for (r, tokens) in z.chunks_exact_mut(3 * d).enumerate() {
+                let (x_tok, rest) = tokens.split_at_mut(d);
+                let (t_tok, c_tok) = rest.split_at_mut(d);
+                dense(&host.input, d, &x[(r % b) * a..][..a], x_tok);
+                t_tok.copy_from_slice(&host.times[i * d..][..d]);
+                match states.get(r * d..(r + 1) * d) {
+                    Some(c) if r < b => c_tok.copy_from_slice(c),
+                    _ => c_tok.fill(0.0),
+                }
+            }
+            for layer in layers {
+                layer.forward_host(z, (n, 3), None, &mut s.layer)?;
+            }
+            last.forward_host(z, (n, 3), Some(0), &mut s.layer)?;
+            let normed = room(&mut s.normed, n * d);
+            with_host_f32(norm_w, |w| {
+                rms_norm(&z[..n * d], w, eps as f32, normed);
+                Ok(())
+            })?;
+            let v = room(&mut s.velocity, n * a);
+            dense(&host.output, a, normed, v);
+            if let Some(t) = trace.as_deref_mut() {
+                t.t.push(i as f32 / self.steps as f32);
+                t.x_in.push(x[..a].to_vec());
+                t.v_cond.push(v[..a].to_vec());
+                t.v_uncond.push(v[b * a..][..a].to_vec());
+            }
+            // x += dt * (alpha * v_c + (1 - alpha) * v_u), in that order, in f32.
+            let (v_c, v_u) = v.split_at(b * a);
+            for ((x, &c), &u) in x.iter_mut().zip(v_c).zip(v_u) {
+                *x += (c * alpha + u * beta) * dt;
+            }
+        }
+        let x: Vec<Vec<f32>> = x.chunks_exact(a).map(<[f32]>::to_vec).collect();
+        if let Some(t) = trace {
+            t.x_final = x.first().cloned().unwrap_or_default();
+        }
+        Ok(x)
+    }
+
+    /// [`Self::integrate_batch`] by candle's ops (any device and dtype); on the CPU in f32,
+    /// the reference the host path is tested against.
+    #[doc(hidden)]
+    pub fn integrate_batch_ops(
+        &self,
+        h: &Tensor,
+        noise: &[Vec<f32>],
+        cfg_alpha: f32,
+        mut trace: Option<&mut FlowTrace>,
+    ) -> Result<Vec<Vec<f32>>> {
+        let dev = self.device();
+        let b = h.dim(0)?;
         let c = self.llm_projection.forward(&h.to_dtype(self.dtype)?)?;
         let c = Tensor::cat(&[&c, &c.zeros_like()?], 0)?;
         let a = self.n_acoustic;

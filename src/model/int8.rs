@@ -346,20 +346,26 @@ impl Q8Weights {
         if a.rows <= ROWS_PER_PASS_VNNI {
             return in_passes!(self.rows_vnni, ROWS_PER_PASS_VNNI, (s, &[]), a, dst);
         }
-        // Several passes (a prefill): the 128 × weight sums once per block, not per pass.
-        let excess = self.excess_vnni(s);
-        in_passes!(self.rows_vnni, ROWS_PER_PASS_VNNI, (s, &excess), a, dst)
+        // Several passes (a prefill, or several streams' flow heads): the 128 × weight sums
+        // once per block, not per pass, into this thread's buffer.
+        EXCESS.with(|kept| {
+            let mut fresh = Vec::new();
+            let mut kept = kept.try_borrow_mut();
+            let excess = kept.as_deref_mut().unwrap_or(&mut fresh);
+            self.excess_vnni(s, excess);
+            in_passes!(self.rows_vnni, ROWS_PER_PASS_VNNI, (s, excess), a, dst)
+        })
     }
 
     /// Per block of the unit at strip `s`: 128 × the sum of each output's weights, as
     /// [`Self::rows_vnni`] takes off (two registers a block).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
-    unsafe fn excess_vnni(&self, s: usize) -> Vec<std::arch::x86_64::__m512i> {
+    unsafe fn excess_vnni(&self, s: usize, all: &mut Vec<std::arch::x86_64::__m512i>) {
         use std::arch::x86_64::*;
         let offset = _mm512_set1_epi8(-128);
         let (tiles, _) = self.unit(s);
-        let mut all = Vec::with_capacity(2 * self.blocks);
+        all.clear();
         for b in 0..self.blocks {
             let mut excess = [_mm512_setzero_si512(); 2];
             for g in 0..BLOCK / 4 {
@@ -372,7 +378,6 @@ impl Q8Weights {
             }
             all.extend(excess);
         }
-        all
     }
 
     /// Rows `r0..r0 + R` of the unit at strip `s`. `vpdpbusd` multiplies unsigned by signed
@@ -503,17 +508,34 @@ pub trait StripKernels: Sync {
         self.matmul_with(x, rows, Some(CpuKernel::for_this_cpu()))
     }
 
+    /// [`Self::matmul`] into `y` (`rows * out` values), which it overwrites: no allocation
+    /// once this thread's activation buffers are large enough.
+    fn matmul_into(&self, x: &[f32], rows: usize, y: &mut [f32]) -> Result<()> {
+        self.matmul_into_with(x, rows, Some(CpuKernel::for_this_cpu()), y)
+    }
+
     /// By `kernel` if the CPU has it (see [`CpuKernel::for_rows`]), else by plain code.
     #[doc(hidden)]
     fn matmul_with(&self, x: &[f32], rows: usize, kernel: Option<CpuKernel>) -> Result<Vec<f32>> {
+        let mut y = vec![0f32; rows * self.dims().0];
+        self.matmul_into_with(x, rows, kernel, &mut y)?;
+        Ok(y)
+    }
+
+    #[doc(hidden)]
+    fn matmul_into_with(
+        &self,
+        x: &[f32],
+        rows: usize,
+        kernel: Option<CpuKernel>,
+        y: &mut [f32],
+    ) -> Result<()> {
         let kernel = CpuKernel::for_rows(kernel, rows);
         let (out, inp) = self.dims();
         by_strips(
-            x,
-            rows,
-            inp,
-            out,
+            (x, rows, inp, out),
             (Self::extra(kernel), UNIT / STRIP),
+            y,
             |s, acts, y| {
                 #[cfg(target_arch = "x86_64")]
                 match kernel {
@@ -690,6 +712,12 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Activations> = Default::default();
 }
 
+#[cfg(target_arch = "x86_64")]
+thread_local! {
+    /// Each worker's per-block weight sums for multi-pass VNNI calls, reused.
+    static EXCESS: std::cell::RefCell<Vec<std::arch::x86_64::__m512i>> = Default::default();
+}
+
 /// The output `[rows, out]` (row-major) as the parallel strips share it.
 struct SharedOut {
     ptr: *mut f32,
@@ -727,22 +755,26 @@ impl StripOut<'_> {
 
 /// `x` `[rows, inp]` quantized once (into this thread's scratch), then `strip(s, acts, y)`
 /// in parallel for every `width` strips of eight outputs (a unit: `y` covers strips
-/// `s..s + width`, or fewer at the end); returns `[rows, out]`. The only allocation is the result.
+/// `s..s + width`, or fewer at the end), into `y` `[rows, out]`, which it overwrites. Nothing
+/// is allocated once the scratch is large enough.
 pub(super) fn by_strips(
-    x: &[f32],
-    rows: usize,
-    inp: usize,
-    out: usize,
+    (x, rows, inp, out): (&[f32], usize, usize, usize),
     (extra, width): (Extra, usize),
+    y: &mut [f32],
     strip: impl Fn(usize, &Activations, &StripOut) + Sync,
-) -> Result<Vec<f32>> {
+) -> Result<()> {
     if x.len() != rows * inp || inp == 0 || !inp.is_multiple_of(BLOCK) {
         candle_core::bail!(
             "quantized matmul: {} values for {rows} rows of {inp}",
             x.len()
         );
     }
-    let mut y = vec![0f32; rows * out];
+    if y.len() != rows * out {
+        candle_core::bail!(
+            "quantized matmul: room for {} values, not {rows} x {out}",
+            y.len()
+        );
+    }
     let shared = SharedOut {
         ptr: y.as_mut_ptr(),
         rows,
@@ -772,7 +804,7 @@ pub(super) fn by_strips(
         acts.fill(x, rows, inp, extra);
         run(acts)
     });
-    Ok(y)
+    Ok(())
 }
 
 #[cfg(test)]

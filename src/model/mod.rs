@@ -7,6 +7,7 @@ pub mod config;
 pub mod device;
 pub mod few_rows;
 pub mod flow;
+pub mod host;
 pub mod int4;
 pub mod int8;
 pub mod memory;

@@ -135,6 +135,56 @@ impl Proj {
     }
 }
 
+impl Proj {
+    /// Outputs per row.
+    pub fn out_features(&self) -> Result<usize> {
+        Ok(match self {
+            Proj::Dense(l) | Proj::DenseFewRows(l) => l.weight().dim(0)?,
+            Proj::Quantized(QMatMul::QTensor(t)) => t.shape().dims()[0],
+            Proj::Quantized(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => t.dim(0)?,
+            Proj::Int8(w) => w.dims().0,
+            Proj::Int4(w) => w.dims().0,
+            Proj::Panels(w) => w.dims().0,
+        })
+    }
+
+    /// `x` `[rows, in]` (f32, on the CPU) into `y` `[rows, out]`, which it overwrites. This
+    /// crate's kernels allocate nothing; candle's layers (dense with many rows, or candle's
+    /// quantized kernels) go through tensors and are copied.
+    pub fn forward_host(&self, x: &[f32], rows: usize, y: &mut [f32]) -> Result<()> {
+        match self {
+            Proj::Int8(w) => w.matmul_into(x, rows, y),
+            Proj::Int4(w) => w.matmul_into(x, rows, y),
+            Proj::Panels(w) => w.matmul_into(x, rows, w.dims().1, y),
+            Proj::DenseFewRows(l)
+                if rows <= SMALL_BATCH_ROWS
+                    && l.weight().dtype() == DType::F32
+                    && l.weight().device().is_cpu()
+                    && few_rows::available() =>
+            {
+                let out = l.weight().dim(0)?;
+                with_host_f32(l.weight(), |w| few_rows::matmul_into(w, out, x, rows, y))
+            }
+            _ => {
+                let inp = x.len().checked_div(rows).unwrap_or(0);
+                let t = Tensor::from_slice(x, (rows, inp), &candle_core::Device::Cpu)?;
+                let out = self.forward(&t)?;
+                with_host_f32(&out, |v| {
+                    if v.len() != y.len() {
+                        candle_core::bail!(
+                            "projection: {} values for room of {}",
+                            v.len(),
+                            y.len()
+                        );
+                    }
+                    y.copy_from_slice(v);
+                    Ok(())
+                })
+            }
+        }
+    }
+}
+
 impl Module for Proj {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
@@ -311,10 +361,10 @@ impl AttentionProj {
 /// mask) is the caller's, through `attend`.
 #[derive(Debug, Clone)]
 pub struct TransformerLayer {
-    attention_norm: RmsNorm,
-    attention: AttentionProj,
-    ffn_norm: RmsNorm,
-    feed_forward: FeedForward,
+    pub(super) attention_norm: RmsNorm,
+    pub(super) attention: AttentionProj,
+    pub(super) ffn_norm: RmsNorm,
+    pub(super) feed_forward: FeedForward,
 }
 
 impl TransformerLayer {

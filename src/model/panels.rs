@@ -90,7 +90,7 @@ impl std::fmt::Debug for PanelWeights {
 /// The output `[rows, out]` as the parallel panels share it.
 struct SharedOut(*mut f32);
 
-// SAFETY: only `matmul_with` makes one, over a buffer that outlives its parallel loop, and each
+// SAFETY: only `matmul_into_with` makes one, over a buffer that outlives its parallel loop, and each
 // panel (visited once) writes its own 32 columns alone, so no two threads write one element.
 unsafe impl Sync for SharedOut {}
 
@@ -166,10 +166,18 @@ impl PanelWeights {
     /// transposed. A stride below `inp` makes rows overlap: a convolution over channels-last
     /// steps without copying its windows.
     pub fn matmul(&self, x: &[f32], rows: usize, stride: usize) -> Result<Vec<f32>> {
-        let kernel = Kernel::for_this_cpu().unwrap_or(Kernel::Plain);
-        self.matmul_with(x, rows, stride, kernel)
+        let mut y = vec![0f32; rows * self.out];
+        self.matmul_into(x, rows, stride, &mut y)?;
+        Ok(y)
     }
 
+    /// [`Self::matmul`] into `y` (`rows * out` values), which it overwrites: no allocation.
+    pub fn matmul_into(&self, x: &[f32], rows: usize, stride: usize, y: &mut [f32]) -> Result<()> {
+        let kernel = Kernel::for_this_cpu().unwrap_or(Kernel::Plain);
+        self.matmul_into_with(x, rows, stride, kernel, y)
+    }
+
+    #[cfg(test)]
     fn matmul_with(
         &self,
         x: &[f32],
@@ -177,7 +185,26 @@ impl PanelWeights {
         stride: usize,
         kernel: Kernel,
     ) -> Result<Vec<f32>> {
+        let mut y = vec![0f32; rows * self.out];
+        self.matmul_into_with(x, rows, stride, kernel, &mut y)?;
+        Ok(y)
+    }
+
+    fn matmul_into_with(
+        &self,
+        x: &[f32],
+        rows: usize,
+        stride: usize,
+        kernel: Kernel,
+        y: &mut [f32],
+    ) -> Result<()> {
         let (out, inp) = (self.out, self.inp);
+        if y.len() != rows * out {
+            candle_core::bail!(
+                "panel matmul: room for {} values, not {rows} x {out}",
+                y.len()
+            );
+        }
         if rows > 0 && (rows - 1) * stride + inp > x.len() {
             candle_core::bail!(
                 "panel matmul: {rows} rows of {inp} every {stride} need more than {} values",
@@ -189,9 +216,8 @@ impl PanelWeights {
         } else {
             Kernel::Plain
         };
-        let mut y = vec![0f32; rows * out];
         if rows == 0 {
-            return Ok(y);
+            return Ok(());
         }
         let shared = SharedOut(y.as_mut_ptr());
         let shared = &shared;
@@ -215,7 +241,7 @@ impl PanelWeights {
                 // alone; `x` holds every row (checked above); the kernel runs on this CPU.
                 unsafe { tile.run(rows, kernel) };
             });
-        Ok(y)
+        Ok(())
     }
 }
 
