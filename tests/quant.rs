@@ -79,24 +79,87 @@ fn track_f32(quant: Quant) {
     assert!(wave.iter().all(|v| v.is_finite()));
 }
 
+/// `a` against `want`: within 1e-5 in f32. With int8 activations a last-bit difference
+/// upstream (the attention's sums run in another order than candle's gemm) can move an
+/// activation across a rounding boundary, one step of its scale, so there the bound is a
+/// cosine of 0.9999 and 1e-2 per value.
+fn assert_same(name: &str, quant: Quant, a: &[f32], want: &[f32]) {
+    if quant == Quant::None {
+        return assert_close(name, a, want, 1e-5, 1e-5);
+    }
+    let cos = cosine(a, want);
+    let d = max_abs_diff(a, want);
+    assert!(
+        cos >= 0.9999 && d <= 1e-2,
+        "{name}: cosine {cos}, largest difference {d}"
+    );
+}
+
+/// `f` on the fixture in f32, q8 and q4.
+fn each_quant(f: impl Fn(Quant, &Voxtral)) {
+    f(Quant::None, model());
+    for quant in [Quant::Q8, Quant::Q4] {
+        let opts = LoadOptions {
+            quant,
+            ..Default::default()
+        };
+        f(quant, &Voxtral::load(&fixture_dir(), &opts).unwrap());
+    }
+}
+
+/// On the CPU in f32 a backbone step runs its layers on host buffers, appending to the caches
+/// a prefill filled; it must give what candle's ops give from equal caches, for f32, q8 and
+/// q4, one sequence and three of different lengths, step after step.
+#[test]
+fn backbone_steps_on_host_buffers_match_candles_ops() {
+    let texts = [
+        "Hello world.",
+        "Bonjour à tous, comment allez-vous ?",
+        "Guten Tag.",
+    ];
+    each_quant(|quant, m| {
+        for b in [1, 3] {
+            let prefilled = || {
+                texts[..b]
+                    .iter()
+                    .map(|t| {
+                        let prompt = m.prompt("casual_male", t).unwrap();
+                        let mut c = m.backbone().new_cache();
+                        m.backbone().forward(&mut c, &prompt.embeddings).unwrap();
+                        c
+                    })
+                    .collect::<Vec<_>>()
+            };
+            let (mut host, mut ops) = (prefilled(), prefilled());
+            for step in 0..4u32 {
+                let embeds: Vec<_> = (0..b as u32)
+                    .map(|i| {
+                        let codes: Vec<u32> = (0..37).map(|k| 2 + (k + step + i) % 10).collect();
+                        m.backbone().embed_frame(&codes).unwrap()
+                    })
+                    .collect();
+                let embeds = candle_core::Tensor::cat(&embeds, 0).unwrap();
+                let mut refs: Vec<_> = host.iter_mut().collect();
+                let a = flat(&m.backbone().step_batch(&mut refs, &embeds).unwrap());
+                let mut refs: Vec<_> = ops.iter_mut().collect();
+                let want = flat(&m.backbone().step_batch_ops(&mut refs, &embeds).unwrap());
+                assert_same(&format!("{quant:?} b={b} step {step}"), quant, &a, &want);
+                assert!(a.iter().any(|v| *v != 0.0));
+            }
+            for (h, o) in host.iter().zip(&ops) {
+                assert_eq!(h.len(), o.len());
+            }
+        }
+    });
+}
+
 /// On the CPU in f32 the flow head runs its layers on host buffers; it must give what
 /// candle's ops give on the same weights, for f32, q8 and q4 projections, one state (six
 /// rows a layer) and three (eighteen: several passes per unit), with the trace.
 #[test]
 fn flow_head_on_host_buffers_matches_candles_ops() {
-    let loaded: Vec<(Quant, Voxtral)> = [Quant::Q8, Quant::Q4]
-        .into_iter()
-        .map(|quant| {
-            let opts = LoadOptions {
-                quant,
-                ..Default::default()
-            };
-            (quant, Voxtral::load(&fixture_dir(), &opts).unwrap())
-        })
-        .collect();
-    let models = std::iter::once((Quant::None, model())).chain(loaded.iter().map(|(q, m)| (*q, m)));
     let cases = ["last_noise", "last_zero", "rand_noise"];
-    for (quant, m) in models {
+    each_quant(|quant, m| {
         for b in [1, 3] {
             let hs: Vec<_> = cases[..b]
                 .iter()
@@ -118,7 +181,7 @@ fn flow_head_on_host_buffers_matches_candles_ops() {
                 .unwrap();
             assert_eq!(host.len(), b);
             for (r, (x, y)) in host.iter().zip(&ops).enumerate() {
-                assert_close(&format!("{quant:?} b={b} row {r}"), x, y, 1e-5, 1e-5);
+                assert_same(&format!("{quant:?} b={b} row {r}"), quant, x, y);
             }
             let flat = |v: &Vec<Vec<f32>>| v.concat();
             let (th, to): (
@@ -126,15 +189,9 @@ fn flow_head_on_host_buffers_matches_candles_ops() {
                 &voxtrald::model::flow::FlowTrace,
             ) = (&t_host, &t_ops);
             assert_eq!(th.t, to.t);
-            assert_close("v_cond", &flat(&th.v_cond), &flat(&to.v_cond), 1e-5, 1e-5);
-            assert_close(
-                "v_uncond",
-                &flat(&th.v_uncond),
-                &flat(&to.v_uncond),
-                1e-5,
-                1e-5,
-            );
+            assert_same("v_cond", quant, &flat(&th.v_cond), &flat(&to.v_cond));
+            assert_same("v_uncond", quant, &flat(&th.v_uncond), &flat(&to.v_uncond));
             assert!(th.v_cond.concat().iter().any(|v| *v != 0.0));
         }
-    }
+    });
 }

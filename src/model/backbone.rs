@@ -6,7 +6,8 @@ use candle_nn::kv_cache::KvCache;
 use candle_nn::{Embedding, VarBuilder};
 
 use super::config::ModelConfig;
-use super::nn::{attention, causal_mask, Quant, RmsNorm, TransformerLayer};
+use super::host::{cached_attention, rms_norm, room, Heads, LayerScratch};
+use super::nn::{attention, causal_mask, with_host_f32, Quant, RmsNorm, TransformerLayer};
 
 /// Grows the per-request KV cache in steps of this many positions.
 const KV_GROW: usize = 256;
@@ -42,6 +43,30 @@ pub struct Backbone {
     dim: usize,
     /// The compute dtype.
     dtype: DType,
+    /// On the CPU in f32: the step's layers on host buffers (see [`Backbone::step_batch`]).
+    host: Option<std::sync::Mutex<StepScratch>>,
+}
+
+/// Buffers of a step on host buffers, grown on first use and then reused.
+#[derive(Default)]
+struct StepScratch {
+    layer: LayerScratch,
+    /// The rows `[B, dim]`.
+    x: Vec<f32>,
+    normed: Vec<f32>,
+    scores: Vec<f32>,
+}
+
+/// Rotates each head of `x` (heads of `hd` values) by RoPE's interleaved pairs, as candle's
+/// `rope_i`: `(a, b)` becomes `(a·cos − b·sin, a·sin + b·cos)`.
+fn rope_rows(x: &mut [f32], hd: usize, cos: &[f32], sin: &[f32]) {
+    for head in x.chunks_exact_mut(hd) {
+        for ((pair, &c), &s) in head.chunks_exact_mut(2).zip(cos).zip(sin) {
+            let (a, b) = (pair[0], pair[1]);
+            pair[0] = a * c - b * s;
+            pair[1] = a * s + b * c;
+        }
+    }
 }
 
 /// The token embedding table's tensor name.
@@ -105,6 +130,7 @@ impl Backbone {
             max_positions,
             code_offsets,
             dim: d,
+            host: (vb.device().is_cpu() && vb.dtype() == DType::F32).then(Default::default),
         })
     }
 
@@ -242,6 +268,86 @@ impl Backbone {
                 limit: self.max_positions,
             });
         }
+        match &self.host {
+            Some(scratch) => self.step_host(scratch, caches, embeds),
+            None => self.step_batch_ops(caches, embeds),
+        }
+    }
+
+    /// [`Self::step_batch`] on host buffers: each layer by [`TransformerLayer::forward_host`],
+    /// the keys and values appended to the same caches a prefill fills, attention read from
+    /// them in place.
+    fn step_host(
+        &self,
+        scratch: &std::sync::Mutex<StepScratch>,
+        caches: &mut [&mut BackboneCache],
+        embeds: &Tensor,
+    ) -> crate::Result<Tensor> {
+        let mut kept = scratch.try_lock();
+        let mut fresh = StepScratch::default();
+        let StepScratch {
+            layer: layer_scratch,
+            x,
+            normed,
+            scores,
+        } = kept.as_deref_mut().unwrap_or(&mut fresh);
+        let (b, d) = (caches.len(), self.dim);
+        let x = room(x, b * d);
+        with_host_f32(embeds, |e| {
+            if e.len() != x.len() {
+                candle_core::bail!("step: {} values for {b} rows of {d}", e.len());
+            }
+            x.copy_from_slice(e);
+            Ok(())
+        })?;
+        let half = self.cos.dim(1)?;
+        with_host_f32(&self.cos, |cos| {
+            with_host_f32(&self.sin, |sin| {
+                for (l, layer) in self.layers.iter().enumerate() {
+                    let attend = |h: Heads| {
+                        let (heads, kv, hd) = layer.head_shape();
+                        for (i, cache) in caches.iter_mut().enumerate() {
+                            let at = cache.len * half;
+                            let (cos, sin) = (&cos[at..][..half], &sin[at..][..half]);
+                            let q = &mut h.q[i * heads * hd..][..heads * hd];
+                            let k = &mut h.k[i * kv * hd..][..kv * hd];
+                            rope_rows(q, hd, cos, sin);
+                            rope_rows(k, hd, cos, sin);
+                            let new =
+                                |t: &[f32]| Tensor::from_slice(t, (1, kv, 1, hd), &Device::Cpu);
+                            let v = &h.v[i * kv * hd..][..kv * hd];
+                            let (kc, vc) = cache.layers[l].append(&new(k)?, &new(v)?)?;
+                            let out = &mut h.out[i * heads * hd..][..heads * hd];
+                            attend_in_place(q, (&kc, &vc), (heads, kv, hd), scores, out)?;
+                        }
+                        Ok(())
+                    };
+                    layer.forward_host(x, (b, 1), None, layer_scratch, attend)?;
+                }
+                Ok(())
+            })
+        })?;
+        for c in caches.iter_mut() {
+            c.len += 1;
+        }
+        let normed = room(normed, b * d);
+        let (w, eps) = self.norm.parts();
+        with_host_f32(w, |w| {
+            rms_norm(x, w, eps as f32, normed);
+            Ok(())
+        })?;
+        Ok(Tensor::from_slice(normed, (b, d), &Device::Cpu)?.to_dtype(self.dtype)?)
+    }
+
+    /// [`Self::step_batch`] by candle's ops (any device and dtype); on the CPU in f32, the
+    /// reference the host path is tested against.
+    #[doc(hidden)]
+    pub fn step_batch_ops(
+        &self,
+        caches: &mut [&mut BackboneCache],
+        embeds: &Tensor,
+    ) -> crate::Result<Tensor> {
+        let b = caches.len();
         let rope = caches
             .iter()
             .map(|c| Ok((self.cos.narrow(0, c.len, 1)?, self.sin.narrow(0, c.len, 1)?)))
@@ -273,6 +379,38 @@ impl Backbone {
     pub fn dim(&self) -> usize {
         self.dim
     }
+}
+
+/// One query row `q` `[H·hd]` against the cached keys and values `[1, KV, len, hd]` (views of
+/// the cache's buffer, read in place) into `out`.
+fn attend_in_place(
+    q: &[f32],
+    (k, v): (&Tensor, &Tensor),
+    shape: (usize, usize, usize),
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) -> Result<()> {
+    let (_, kv, len, hd) = k.dims4()?;
+    let (ks, kl) = k.storage_and_layout();
+    let (vs, vl) = v.storage_and_layout();
+    let (candle_core::Storage::Cpu(ks), candle_core::Storage::Cpu(vs)) = (&*ks, &*vs) else {
+        candle_core::bail!("a host step with its cache off the CPU");
+    };
+    let stride = kl.stride();
+    if stride != vl.stride() || stride[3] != 1 || shape.1 != kv || shape.2 != hd {
+        candle_core::bail!("a KV cache laid out {stride:?} for {kv} heads of {hd}");
+    }
+    let keys = &ks.as_slice::<f32>()?[kl.start_offset()..];
+    let values = &vs.as_slice::<f32>()?[vl.start_offset()..];
+    cached_attention(
+        q,
+        (keys, values),
+        shape,
+        (len, stride[2], stride[1]),
+        scores,
+        out,
+    );
+    Ok(())
 }
 
 /// One sequence's attention at its next positions: RoPE on the new queries and keys, the new

@@ -5,7 +5,8 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{linear_no_bias, Linear, VarBuilder};
 
 use super::config::{ModelConfig, END_AUDIO, SPECIAL_CODES};
-use super::host::{rms_norm, room, LayerScratch};
+use super::few_rows;
+use super::host::{group_attention, rms_norm, room, Heads, LayerScratch};
 use super::nn::{argmax_in, attention, with_host_f32, Proj, Quant, RmsNorm, TransformerLayer};
 
 /// Intermediate values of one frame's ODE, for parity checks.
@@ -179,6 +180,14 @@ impl AcousticHead {
 
     /// [`Self::semantic_logits`] for each row of `h` `[B, dim]`.
     pub fn semantic_logits_batch(&self, h: &Tensor) -> Result<Vec<Vec<f32>>> {
+        let w = &self.semantic_codebook_output;
+        let b = h.dim(0)?;
+        if self.host.is_some() && b <= 16 && few_rows::available() {
+            // Few rows against the f32 table: the few-row kernel, without candle's packing.
+            let out = w.dim(0)?;
+            let all = with_host_f32(w, |w| with_host_f32(h, |h| few_rows::matmul(w, out, h, b)))?;
+            return Ok(all.chunks_exact(out).map(<[f32]>::to_vec).collect());
+        }
         h.to_dtype(DType::F32)?
             .matmul(&self.semantic_codebook_output.t()?)?
             .to_vec2()
@@ -299,10 +308,16 @@ impl AcousticHead {
                     _ => c_tok.fill(0.0),
                 }
             }
+            let within = |token: Option<usize>| {
+                move |h: Heads| {
+                    let shape = last.head_shape();
+                    group_attention((h.q, h.k, h.v), shape, (n, 3, token), h.out)
+                }
+            };
             for layer in layers {
-                layer.forward_host(z, (n, 3), None, &mut s.layer)?;
+                layer.forward_host(z, (n, 3), None, &mut s.layer, within(None))?;
             }
-            last.forward_host(z, (n, 3), Some(0), &mut s.layer)?;
+            last.forward_host(z, (n, 3), Some(0), &mut s.layer, within(Some(0)))?;
             let normed = room(&mut s.normed, n * d);
             with_host_f32(norm_w, |w| {
                 rms_norm(&z[..n * d], w, eps as f32, normed);

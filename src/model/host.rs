@@ -1,8 +1,9 @@
-//! The flow head's transformer on plain f32 buffers on the CPU. Its rows are three tokens
-//! each (six for one stream with guidance), too few for candle's ops to pay: every op
-//! allocated its result, about 7,400 allocations and 32 MB a frame. Here a layer runs over
-//! buffers kept from frame to frame, through the same projection kernels, and allocates
-//! nothing once the buffers have grown to the batch.
+//! Transformer layers on plain f32 buffers on the CPU, for the per-frame loop: the flow
+//! head's rows (three tokens each, six for one stream with guidance) and a backbone step's
+//! (one per stream) are too few for candle's ops to pay, and every op allocated its result
+//! (about 8,800 allocations and 42 MB a frame on the bench checkpoint). Here a layer runs over
+//! buffers kept from frame to frame, through the same projection kernels; the caller brings
+//! the attention (within token groups for the flow head, over the KV cache for the backbone).
 
 use candle_core::Result;
 
@@ -60,30 +61,122 @@ fn softmax(scores: &mut [f32]) {
 /// Most tokens a group may have (the flow head has three).
 const MAX_TOKENS: usize = 8;
 
+/// Attention within groups of `tokens` rows (bidirectional, no positions), as the flow head
+/// uses it: `q` `[queries, H·hd]` (every row, or with `token = Some(j)` row `j` of each group),
+/// `k` and `v` `[groups·tokens, KV·hd]`, into `out` `[queries, H·hd]`.
+pub fn group_attention(
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    (heads, kv, hd): (usize, usize, usize),
+    (groups, tokens, token): (usize, usize, Option<usize>),
+    out: &mut [f32],
+) -> Result<()> {
+    if tokens > MAX_TOKENS {
+        candle_core::bail!("group attention: {tokens} tokens a group, at most {MAX_TOKENS}");
+    }
+    let rep = heads / kv.max(1);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let queries = if token.is_some() {
+        groups
+    } else {
+        groups * tokens
+    };
+    for qr in 0..queries {
+        let g = if token.is_some() { qr } else { qr / tokens };
+        for h in 0..heads {
+            let qv = &q[(qr * heads + h) * hd..][..hd];
+            let kh = h / rep;
+            let mut scores = [0f32; MAX_TOKENS];
+            let scores = &mut scores[..tokens];
+            for (t, sc) in scores.iter_mut().enumerate() {
+                let at = ((g * tokens + t) * kv + kh) * hd;
+                *sc = dot(qv, &k[at..][..hd]) * scale;
+            }
+            softmax(scores);
+            let out = &mut out[(qr * heads + h) * hd..][..hd];
+            out.fill(0.0);
+            for (t, &p) in scores.iter().enumerate() {
+                let vv = &v[((g * tokens + t) * kv + kh) * hd..][..hd];
+                for (o, &x) in out.iter_mut().zip(vv) {
+                    *o += p * x;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Attention of one query row `q` `[H·hd]` over `len` cached positions, read in place from a
+/// cache laid out `[KV, capacity, hd]` (`stride` values from one position to the next,
+/// `head_stride` from one kv head to the next), into `out` `[H·hd]`; `scores` is scratch.
+#[allow(clippy::too_many_arguments)]
+pub fn cached_attention(
+    q: &[f32],
+    (k, v): (&[f32], &[f32]),
+    (heads, kv, hd): (usize, usize, usize),
+    (len, stride, head_stride): (usize, usize, usize),
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let rep = heads / kv.max(1);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let scores = room(scores, len);
+    for h in 0..heads {
+        let qv = &q[h * hd..][..hd];
+        let base = (h / rep) * head_stride;
+        for (t, sc) in scores.iter_mut().enumerate() {
+            *sc = dot(qv, &k[base + t * stride..][..hd]) * scale;
+        }
+        softmax(scores);
+        let out = &mut out[h * hd..][..hd];
+        out.fill(0.0);
+        for (t, &p) in scores.iter().enumerate() {
+            for (o, &x) in out.iter_mut().zip(&v[base + t * stride..][..hd]) {
+                *o += p * x;
+            }
+        }
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// What a layer's attention gets: `q` `[queries, H·hd]`, `k` and `v` `[rows, KV·hd]`, the
+/// output `[queries, H·hd]` to fill.
+pub struct Heads<'a> {
+    pub q: &'a mut [f32],
+    pub k: &'a mut [f32],
+    pub v: &'a mut [f32],
+    pub out: &'a mut [f32],
+}
+
 impl TransformerLayer {
-    /// The layer over `z`: `groups` groups of `tokens` rows of `dim` values, each group
-    /// attending within itself (bidirectional, no positions). With `token = Some(j)` only
-    /// token `j` of each group is computed (keys and values still come from every token),
-    /// and its `groups` rows are written to the start of `z`; otherwise every row is updated
-    /// in place.
+    /// `(heads, kv heads, head width)`.
+    pub fn head_shape(&self) -> (usize, usize, usize) {
+        let att = &self.attention;
+        (att.n_heads, att.n_kv_heads, att.head_dim)
+    }
+
+    /// The layer over `z`: `groups` groups of `tokens` rows of `dim` values; `attend` fills
+    /// the heads' output from the projected queries, keys and values (it may rotate them or
+    /// keep them in a cache). With `token = Some(j)` only token `j` of each group is computed
+    /// (keys and values still come from every token), and its `groups` rows are written to the
+    /// start of `z`; otherwise every row is updated in place.
     pub fn forward_host(
         &self,
         z: &mut [f32],
         (groups, tokens): (usize, usize),
         token: Option<usize>,
         s: &mut LayerScratch,
+        attend: impl FnOnce(Heads) -> Result<()>,
     ) -> Result<()> {
         let att = &self.attention;
         let dim = z.len() / (groups * tokens).max(1);
         let rows = groups * tokens;
-        if tokens == 0 || tokens > MAX_TOKENS || z.len() != rows * dim {
-            candle_core::bail!(
-                "flow layer: {} values for {groups} x {tokens} rows",
-                z.len()
-            );
+        if tokens == 0 || z.len() != rows * dim || token.is_some_and(|j| j >= tokens) {
+            candle_core::bail!("layer: {} values for {groups} x {tokens} rows", z.len());
         }
-        let (hd, heads, kv) = (att.head_dim, att.n_heads, att.n_kv_heads);
-        let rep = heads / kv.max(1);
+        let (heads, kv, hd) = self.head_shape();
         let queries = if token.is_some() { groups } else { rows };
         let (norm_w, eps) = self.attention_norm.parts();
         let normed = room(&mut s.normed, rows * dim);
@@ -110,33 +203,11 @@ impl TransformerLayer {
         att.wk.forward_host(normed, rows, k)?;
         let v = room(&mut s.v, rows * kv * hd);
         att.wv.forward_host(normed, rows, v)?;
-        let attended = room(&mut s.attended, queries * heads * hd);
-        let scale = 1.0 / (hd as f32).sqrt();
-        for qr in 0..queries {
-            let g = if token.is_some() { qr } else { qr / tokens };
-            for h in 0..heads {
-                let qv = &q[(qr * heads + h) * hd..][..hd];
-                let kh = h / rep;
-                let mut scores = [0f32; MAX_TOKENS];
-                let scores = &mut scores[..tokens];
-                for (t, sc) in scores.iter_mut().enumerate() {
-                    let kv_row = ((g * tokens + t) * kv + kh) * hd;
-                    let dot: f32 = qv.iter().zip(&k[kv_row..][..hd]).map(|(a, b)| a * b).sum();
-                    *sc = dot * scale;
-                }
-                softmax(scores);
-                let out = &mut attended[(qr * heads + h) * hd..][..hd];
-                out.fill(0.0);
-                for (t, &p) in scores.iter().enumerate() {
-                    let vv = &v[((g * tokens + t) * kv + kh) * hd..][..hd];
-                    for (o, &x) in out.iter_mut().zip(vv) {
-                        *o += p * x;
-                    }
-                }
-            }
-        }
+        let out = room(&mut s.attended, queries * heads * hd);
+        attend(Heads { q, k, v, out })?;
         let projected = room(&mut s.projected, queries * dim);
-        att.wo.forward_host(attended, queries, projected)?;
+        att.wo
+            .forward_host(&s.attended[..queries * heads * hd], queries, projected)?;
         for (r, p) in residual.iter_mut().zip(projected.iter()) {
             *r += p;
         }
