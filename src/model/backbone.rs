@@ -6,7 +6,7 @@ use candle_nn::kv_cache::KvCache;
 use candle_nn::{Embedding, VarBuilder};
 
 use super::config::ModelConfig;
-use super::host::{cached_attention, rms_norm, room, Heads, LayerScratch};
+use super::host::{cached_attention, norm_into, room, Heads, LayerScratch};
 use super::nn::{attention, causal_mask, with_host_f32, Quant, RmsNorm, TransformerLayer};
 
 /// Grows the per-request KV cache in steps of this many positions.
@@ -331,11 +331,7 @@ impl Backbone {
             c.len += 1;
         }
         let normed = room(normed, b * d);
-        let (w, eps) = self.norm.parts();
-        with_host_f32(w, |w| {
-            rms_norm(x, w, eps as f32, normed);
-            Ok(())
-        })?;
+        norm_into(&self.norm, x, normed)?;
         Ok(Tensor::from_slice(normed, (b, d), &Device::Cpu)?.to_dtype(self.dtype)?)
     }
 

@@ -6,7 +6,7 @@ use candle_nn::{linear_no_bias, Linear, VarBuilder};
 
 use super::config::{ModelConfig, END_AUDIO, SPECIAL_CODES};
 use super::few_rows;
-use super::host::{group_attention, rms_norm, room, Heads, LayerScratch};
+use super::host::{group_attention, norm_into, room, Heads, LayerScratch};
 use super::nn::{argmax_in, attention, with_host_f32, Proj, Quant, RmsNorm, TransformerLayer};
 
 /// Intermediate values of one frame's ODE, for parity checks.
@@ -293,7 +293,6 @@ impl AcousticHead {
         // The coefficients in f32, as the reference computes them.
         let dt = 1.0 / self.steps as f32;
         let (alpha, beta) = (cfg_alpha, 1.0 - cfg_alpha);
-        let (norm_w, eps) = self.norm.parts();
         for i in 0..self.steps {
             // Three tokens per row: noisy acoustic vector, time, backbone state (zero for the
             // unconditional rows b..2b).
@@ -319,10 +318,7 @@ impl AcousticHead {
             }
             last.forward_host(z, (n, 3), Some(0), &mut s.layer, within(Some(0)))?;
             let normed = room(&mut s.normed, n * d);
-            with_host_f32(norm_w, |w| {
-                rms_norm(&z[..n * d], w, eps as f32, normed);
-                Ok(())
-            })?;
+            norm_into(&self.norm, &z[..n * d], normed)?;
             let v = room(&mut s.velocity, n * a);
             dense(&host.output, a, normed, v);
             if let Some(t) = trace.as_deref_mut() {

@@ -7,7 +7,7 @@
 
 use candle_core::Result;
 
-use super::nn::{with_host_f32, TransformerLayer};
+use super::nn::{with_host_f32, RmsNorm, TransformerLayer};
 
 /// Buffers for one pass of the flow head's layers, grown on first use and then reused.
 #[derive(Default)]
@@ -34,7 +34,7 @@ pub fn room(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
 
 /// RMSNorm of each row of `x` (rows as long as `weight`) into `out`, as candle's CPU kernel
 /// computes it: the mean square in f32, then `x / sqrt(ms + eps) * weight`.
-pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let d = weight.len();
     for (x, out) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
         let sum2 = x.iter().map(|v| v * v).sum::<f32>();
@@ -43,6 +43,15 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
             *o = v / m * w;
         }
     }
+}
+
+/// `norm` over the rows of `x` into `out`.
+pub fn norm_into(norm: &RmsNorm, x: &[f32], out: &mut [f32]) -> Result<()> {
+    let (weight, eps) = norm.parts();
+    with_host_f32(weight, |w| {
+        rms_norm(x, w, eps as f32, out);
+        Ok(())
+    })
 }
 
 /// Softmax of `scores` in place, as candle's: the maximum off, `exp`, divided by the sum.
@@ -178,12 +187,8 @@ impl TransformerLayer {
         }
         let (heads, kv, hd) = self.head_shape();
         let queries = if token.is_some() { groups } else { rows };
-        let (norm_w, eps) = self.attention_norm.parts();
         let normed = room(&mut s.normed, rows * dim);
-        with_host_f32(norm_w, |w| {
-            rms_norm(z, w, eps as f32, normed);
-            Ok(())
-        })?;
+        norm_into(&self.attention_norm, z, normed)?;
         let (queries_in, residual) = match token {
             Some(j) => {
                 let q_in = room(&mut s.queries_in, groups * dim);
@@ -211,12 +216,8 @@ impl TransformerLayer {
         for (r, p) in residual.iter_mut().zip(projected.iter()) {
             *r += p;
         }
-        let (norm_w, eps) = self.ffn_norm.parts();
         let normed = room(&mut s.normed, queries * dim);
-        with_host_f32(norm_w, |w| {
-            rms_norm(residual, w, eps as f32, normed);
-            Ok(())
-        })?;
+        norm_into(&self.ffn_norm, residual, normed)?;
         let ff = &self.feed_forward;
         let hidden = ff_hidden(ff, queries, normed, &mut s.gate, &mut s.up)?;
         let gate = &mut s.gate[..queries * hidden];
