@@ -9,7 +9,8 @@ use candle_core::Result;
 
 use super::nn::{with_host_f32, RmsNorm, TransformerLayer};
 
-/// Buffers for one pass of the flow head's layers, grown on first use and then reused.
+/// Buffers for one layer on host rows (the flow head's or a backbone step's), grown on first
+/// use and then reused.
 #[derive(Default)]
 pub struct LayerScratch {
     normed: Vec<f32>,
