@@ -297,15 +297,20 @@ impl AcousticHead {
             // Three tokens per row: noisy acoustic vector, time, backbone state (zero for the
             // unconditional rows b..2b).
             let z = room(&mut s.z, n * 3 * d);
-            for (r, tokens) in z.chunks_exact_mut(3 * d).enumerate() {
+            let (cond, uncond) = z.split_at_mut(b * 3 * d);
+            for (r, (tokens, twin)) in cond
+                .chunks_exact_mut(3 * d)
+                .zip(uncond.chunks_exact_mut(3 * d))
+                .enumerate()
+            {
                 let (x_tok, rest) = tokens.split_at_mut(d);
                 let (t_tok, c_tok) = rest.split_at_mut(d);
-                dense(&host.input, d, &x[(r % b) * a..][..a], x_tok);
+                dense(&host.input, d, &x[r * a..][..a], x_tok);
                 t_tok.copy_from_slice(&host.times[i * d..][..d]);
-                match states.get(r * d..(r + 1) * d) {
-                    Some(c) if r < b => c_tok.copy_from_slice(c),
-                    _ => c_tok.fill(0.0),
-                }
+                c_tok.copy_from_slice(&states[r * d..][..d]);
+                // The unconditional twin: the same two tokens, projected once, and no state.
+                twin[..2 * d].copy_from_slice(&tokens[..2 * d]);
+                twin[2 * d..].fill(0.0);
             }
             let within = |token: Option<usize>| {
                 move |h: Heads| {
