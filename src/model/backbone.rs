@@ -2,20 +2,17 @@
 //! Weights are Mistral-native, so RoPE rotates interleaved pairs (`rope_i`).
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::kv_cache::KvCache;
 use candle_nn::{Embedding, VarBuilder};
 
 use super::config::ModelConfig;
 use super::host::{cached_attention, norm_into, room, Heads, LayerScratch};
+use super::kv_cache::LayerCache;
 use super::nn::{attention, causal_mask, with_host_f32, Quant, RmsNorm, TransformerLayer};
-
-/// Grows the per-request KV cache in steps of this many positions.
-const KV_GROW: usize = 256;
 
 /// Per-utterance state: one KV cache per layer. Dropping it frees the memory.
 #[derive(Clone)]
 pub struct BackboneCache {
-    layers: Vec<KvCache>,
+    layers: Vec<LayerCache>,
     len: usize,
 }
 
@@ -140,8 +137,16 @@ impl Backbone {
 
     pub fn new_cache(&self) -> BackboneCache {
         BackboneCache {
-            layers: (0..self.layers.len())
-                .map(|_| KvCache::new(2, KV_GROW))
+            layers: self
+                .layers
+                .iter()
+                .map(|l| match self.host {
+                    Some(_) => {
+                        let (_, kv, hd) = l.head_shape();
+                        LayerCache::host(kv * hd)
+                    }
+                    None => LayerCache::tensors(),
+                })
                 .collect(),
             len: 0,
         }
@@ -255,10 +260,88 @@ impl Backbone {
         caches: &mut [&mut BackboneCache],
         embeds: &Tensor,
     ) -> crate::Result<Tensor> {
-        let (b, _) = embeds.dims2()?;
-        if b != caches.len() {
+        let (b, d) = embeds.dims2()?;
+        self.check_step(caches, b)?;
+        match &self.host {
+            Some(scratch) => self.step_host(scratch, caches, |x| {
+                with_host_f32(embeds, |e| {
+                    if e.len() != x.len() {
+                        candle_core::bail!("step: {} values for {b} rows of {d}", e.len());
+                    }
+                    x.copy_from_slice(e);
+                    Ok(())
+                })
+            }),
+            None => self.step_batch_ops(caches, embeds),
+        }
+    }
+
+    /// [`Self::step_batch`] with the inputs given as frames: row `b` is the sum of the
+    /// embeddings of `frames[b]`'s codes ([`Self::embed_frame`]). On host buffers the rows of
+    /// the audio-code table are summed straight into the step's input.
+    pub fn step_frames(
+        &self,
+        caches: &mut [&mut BackboneCache],
+        frames: &[Vec<u32>],
+    ) -> crate::Result<Tensor> {
+        let Some(scratch) = &self.host else {
+            let embeds = frames
+                .iter()
+                .map(|f| self.embed_frame(f))
+                .collect::<Result<Vec<_>>>()?;
+            return self.step_batch(caches, &Tensor::cat(&embeds, 0)?);
+        };
+        self.check_step(caches, frames.len())?;
+        self.step_host(scratch, caches, |x| {
+            for (row, codes) in x.chunks_exact_mut(self.dim).zip(frames) {
+                self.sum_code_rows(codes, row)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// The sum of the audio-code table's rows for `codes` into `row`, read in place from the
+    /// table in its stored dtype, in the order `embed_frame` sums them.
+    fn sum_code_rows(&self, codes: &[u32], row: &mut [f32]) -> Result<()> {
+        use candle_core::{CpuStorage, Storage};
+        let (storage, layout) = self.audio_embeddings.storage_and_layout();
+        let (Storage::Cpu(table), Some((start, end))) = (&*storage, layout.contiguous_offsets())
+        else {
+            candle_core::bail!("the audio-code table is not in host memory");
+        };
+        fn add<T: Copy>(table: &[T], r: usize, row: &mut [f32], f: impl Fn(T) -> f32) -> bool {
+            let d = row.len();
+            let Some(src) = table.get(r * d..(r + 1) * d) else {
+                return false;
+            };
+            for (y, &x) in row.iter_mut().zip(src) {
+                *y += f(x);
+            }
+            true
+        }
+        row.fill(0.0);
+        for (c, o) in codes.iter().zip(&self.code_offsets) {
+            let r = (c + o) as usize;
+            let found = match table {
+                CpuStorage::F32(t) => add(&t[start..end], r, row, |x| x),
+                CpuStorage::BF16(t) => add(&t[start..end], r, row, f32::from),
+                CpuStorage::F16(t) => add(&t[start..end], r, row, f32::from),
+                _ => {
+                    candle_core::bail!("an audio-code table in {:?}", self.audio_embeddings.dtype())
+                }
+            };
+            if !found {
+                candle_core::bail!("code {c} (row {r}) is past the audio-code table");
+            }
+        }
+        Ok(())
+    }
+
+    /// A step's preconditions: one input per sequence, and room in each cache.
+    fn check_step(&self, caches: &[&mut BackboneCache], inputs: usize) -> crate::Result<()> {
+        if inputs != caches.len() {
             return Err(crate::Error::InvalidInput(format!(
-                "{b} inputs for {} sequences",
+                "{inputs} inputs for {} sequences",
                 caches.len()
             )));
         }
@@ -268,20 +351,17 @@ impl Backbone {
                 limit: self.max_positions,
             });
         }
-        match &self.host {
-            Some(scratch) => self.step_host(scratch, caches, embeds),
-            None => self.step_batch_ops(caches, embeds),
-        }
+        Ok(())
     }
 
-    /// [`Self::step_batch`] on host buffers: each layer by [`TransformerLayer::forward_host`],
-    /// the keys and values appended to the same caches a prefill fills, attention read from
-    /// them in place.
+    /// [`Self::step_batch`] on host buffers: `input` fills the rows `[B, dim]`, then each layer
+    /// runs by [`TransformerLayer::forward_host`], its keys and values appended in place to
+    /// the host rows a prefill filled, attention read from them where they lie.
     fn step_host(
         &self,
         scratch: &std::sync::Mutex<StepScratch>,
         caches: &mut [&mut BackboneCache],
-        embeds: &Tensor,
+        input: impl FnOnce(&mut [f32]) -> Result<()>,
     ) -> crate::Result<Tensor> {
         let mut kept = scratch.try_lock();
         let mut fresh = StepScratch::default();
@@ -293,13 +373,7 @@ impl Backbone {
         } = kept.as_deref_mut().unwrap_or(&mut fresh);
         let (b, d) = (caches.len(), self.dim);
         let x = room(x, b * d);
-        with_host_f32(embeds, |e| {
-            if e.len() != x.len() {
-                candle_core::bail!("step: {} values for {b} rows of {d}", e.len());
-            }
-            x.copy_from_slice(e);
-            Ok(())
-        })?;
+        input(x)?;
         let half = self.cos.dim(1)?;
         with_host_f32(&self.cos, |cos| {
             with_host_f32(&self.sin, |sin| {
@@ -313,12 +387,17 @@ impl Backbone {
                             let k = &mut h.k[i * kv * hd..][..kv * hd];
                             rope_rows(q, hd, cos, sin);
                             rope_rows(k, hd, cos, sin);
-                            let new =
-                                |t: &[f32]| Tensor::from_slice(t, (1, kv, 1, hd), &Device::Cpu);
                             let v = &h.v[i * kv * hd..][..kv * hd];
-                            let (kc, vc) = cache.layers[l].append(&new(k)?, &new(v)?)?;
+                            let Some(rows) = cache.layers[l].host_rows() else {
+                                candle_core::bail!("a host step given a cache in tensors");
+                            };
+                            rows.push(k, v)?;
                             let out = &mut h.out[i * heads * hd..][..heads * hd];
-                            attend_in_place(q, (&kc, &vc), (heads, kv, hd), scores, out)?;
+                            rows.read(|keys, values, len| {
+                                let positions = (len, kv * hd, hd);
+                                let shape = (heads, kv, hd);
+                                cached_attention(q, (keys, values), shape, positions, scores, out)
+                            });
                         }
                         Ok(())
                     };
@@ -377,42 +456,10 @@ impl Backbone {
     }
 }
 
-/// One query row `q` `[H·hd]` against the cached keys and values `[1, KV, len, hd]` (views of
-/// the cache's buffer, read in place) into `out`.
-fn attend_in_place(
-    q: &[f32],
-    (k, v): (&Tensor, &Tensor),
-    shape: (usize, usize, usize),
-    scores: &mut Vec<f32>,
-    out: &mut [f32],
-) -> Result<()> {
-    let (_, kv, len, hd) = k.dims4()?;
-    let (ks, kl) = k.storage_and_layout();
-    let (vs, vl) = v.storage_and_layout();
-    let (candle_core::Storage::Cpu(ks), candle_core::Storage::Cpu(vs)) = (&*ks, &*vs) else {
-        candle_core::bail!("a host step with its cache off the CPU");
-    };
-    let stride = kl.stride();
-    if stride != vl.stride() || stride[3] != 1 || shape.1 != kv || shape.2 != hd {
-        candle_core::bail!("a KV cache laid out {stride:?} for {kv} heads of {hd}");
-    }
-    let keys = &ks.as_slice::<f32>()?[kl.start_offset()..];
-    let values = &vs.as_slice::<f32>()?[vl.start_offset()..];
-    cached_attention(
-        q,
-        (keys, values),
-        shape,
-        (len, stride[2], stride[1]),
-        scores,
-        out,
-    );
-    Ok(())
-}
-
 /// One sequence's attention at its next positions: RoPE on the new queries and keys, the new
 /// keys and values appended to its cache, then attention over the whole cache.
 fn attend_cached(
-    kv: &mut KvCache,
+    kv: &mut LayerCache,
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,

@@ -10,6 +10,7 @@ pub mod flow;
 pub mod host;
 pub mod int4;
 pub mod int8;
+pub mod kv_cache;
 pub mod memory;
 pub mod nn;
 pub mod noise;
@@ -705,14 +706,10 @@ impl Voxtral {
             .collect();
         if !stepping.is_empty() {
             let t = Instant::now();
-            let embeds = stepping
+            let frames: Vec<Vec<u32>> = stepping
                 .iter()
-                .map(|&i| {
-                    let codes = gens[i].pending.take().unwrap_or_default();
-                    self.backbone.embed_frame(&codes)
-                })
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            let embeds = Tensor::cat(&embeds, 0)?;
+                .map(|&i| gens[i].pending.take().unwrap_or_default())
+                .collect();
             // `stepping` is ascending, so membership is a binary search.
             let mut caches: Vec<&mut BackboneCache> = gens
                 .iter_mut()
@@ -720,7 +717,7 @@ impl Voxtral {
                 .filter(|(i, _)| stepping.binary_search(i).is_ok())
                 .map(|(_, g)| &mut g.cache)
                 .collect();
-            let h = self.backbone.step_batch(&mut caches, &embeds)?;
+            let h = self.backbone.step_frames(&mut caches, &frames)?;
             // As in `prefill`: on a GPU the step's time is its kernels', not their launches'.
             self.device.synchronize()?;
             let took = t.elapsed();
