@@ -4,11 +4,12 @@
 //! decode is one chunk on a fresh state. Attention is computed in query blocks over the
 //! sliding window only, so memory grows linearly with the length of the utterance.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
+use super::codec_host::{window_attention, HostCarry, HostScratch};
 use super::config::{CodecStage, ModelConfig, END_AUDIO, SPECIAL_CODES};
 use super::flow::fsq_value;
 use super::nn::{with_host_f32, AttentionProj, FeedForward, Quant, RmsNorm};
@@ -54,6 +55,14 @@ enum ConvWeight {
 }
 
 impl ConvWeight {
+    /// The panels, for the decode on host rows.
+    fn panels(&self) -> Result<&PanelWeights> {
+        match self {
+            Self::Panels(p) => Ok(p),
+            Self::Ops(_) => candle_core::bail!("a conv on candle's ops given host rows"),
+        }
+    }
+
     /// `weight` (candle's layout) as is for the ops, or on panels as the `[out, inp]` matrix
     /// that `window_matrix` makes of it.
     fn new(
@@ -103,7 +112,7 @@ fn windows(w: &PanelWeights, x: &Tensor, taps: usize) -> Result<Tensor> {
 /// Stride-1 causal conv with `kernel - 1` steps of left padding.
 pub(crate) struct CausalConv {
     weight: ConvWeight,
-    taps: usize,
+    pub(crate) taps: usize,
     pub(crate) pad: Pad,
 }
 
@@ -117,6 +126,11 @@ impl CausalConv {
             taps: k,
             pad,
         })
+    }
+
+    /// Its panels (on the CPU in f32).
+    pub(crate) fn panels(&self) -> Result<&PanelWeights> {
+        self.weight.panels()
     }
 
     /// The weight `[c_out, c_in, k]`.
@@ -224,8 +238,13 @@ impl CausalConvTranspose {
         })
     }
 
+    /// Its panels (on the CPU in f32).
+    pub(crate) fn panels(&self) -> Result<&PanelWeights> {
+        self.weight.panels()
+    }
+
     /// Inputs whose overlapping outputs reach into the next input's span.
-    fn overlap(&self) -> usize {
+    pub(crate) fn overlap(&self) -> usize {
         (self.kernel - self.stride).div_ceil(self.stride)
     }
 
@@ -298,12 +317,20 @@ enum BlockState {
 }
 
 /// What a streaming decode carries between chunks. Bounded: at most a window of keys and
-/// values per layer and a few conv inputs, whatever the utterance's length. A clone shares
-/// the tensors (cheap), so one stream can try several continuations.
+/// values per layer and a few conv inputs, whatever the utterance's length, so a clone is
+/// cheap and one stream can try several continuations.
 #[derive(Clone)]
-pub struct CodecState {
-    blocks: Vec<BlockState>,
-    output: Option<Tensor>,
+pub struct CodecState(Carry);
+
+#[derive(Clone)]
+enum Carry {
+    /// On candle's tensors (a clone shares them).
+    Tensors {
+        blocks: Vec<BlockState>,
+        output: Option<Tensor>,
+    },
+    /// On host rows ([`super::codec_host`]).
+    Host(HostCarry),
 }
 
 pub struct CodecDecoder {
@@ -318,6 +345,8 @@ pub struct CodecDecoder {
     pub(crate) patch: usize,
     /// Frames a chunk is padded to ([`MIN_DECODE_FRAMES`] on candle's ops, 1 on panels).
     min_frames: usize,
+    /// On panels: the buffers of the decode on host rows.
+    pub(crate) host: Option<Mutex<HostScratch>>,
     dtype: DType,
     device: Device,
 }
@@ -430,6 +459,7 @@ impl CodecDecoder {
             n_acoustic: c.acoustic_dim,
             patch,
             min_frames: if on_panels(&vb) { 1 } else { MIN_DECODE_FRAMES },
+            host: on_panels(&vb).then(Default::default),
             dtype: vb.dtype(),
             device: vb.device().clone(),
         })
@@ -491,9 +521,19 @@ impl CodecDecoder {
             .to_dtype(self.dtype)
     }
 
-    /// A state for a new stream.
+    /// A state for a new stream: on host rows where the weights are on panels.
     pub fn start(&self) -> CodecState {
-        CodecState {
+        match self.host {
+            Some(_) => CodecState(Carry::Host(self.start_host())),
+            None => self.start_tensors(),
+        }
+    }
+
+    /// A state for a new stream on candle's tensors, whatever the weights: on the CPU in f32,
+    /// the reference the decode on host rows is tested against.
+    #[doc(hidden)]
+    pub fn start_tensors(&self) -> CodecState {
+        CodecState(Carry::Tensors {
             blocks: self
                 .blocks
                 .iter()
@@ -504,7 +544,7 @@ impl CodecDecoder {
                 })
                 .collect(),
             output: None,
-        }
+        })
     }
 
     /// Decodes frames to samples in one go. `stages`, when given, receives each block's
@@ -530,13 +570,25 @@ impl CodecDecoder {
         if n == 0 {
             return Ok(Vec::new());
         }
+        let (blocks, output) = match (&mut state.0, &self.host) {
+            (Carry::Host(carry), Some(scratch)) => {
+                return Ok(self.decode_host(scratch, carry, &frames[..n], stages)?)
+            }
+            (Carry::Host(_), None) => {
+                return Err(candle_core::Error::Msg(
+                    "a codec state on host rows given to a decoder on candle's ops".into(),
+                )
+                .into())
+            }
+            (Carry::Tensors { blocks, output }, _) => (blocks, output),
+        };
         let mut padded = frames[..n].to_vec();
         if n < self.min_frames && stages.is_none() {
             padded.resize(self.min_frames, frames[n - 1].clone());
         }
         let mut x = self.latent(&padded)?; // [1, L, C]
         let mut real = n; // steps of x that belong to the stream
-        for (block, st) in self.blocks.iter().zip(&mut state.blocks) {
+        for (block, st) in self.blocks.iter().zip(blocks) {
             x = match (block, st) {
                 (Block::Conv(c), BlockState::Conv(tail)) => c.forward(&x, real, tail)?,
                 (Block::ConvTranspose(c), BlockState::ConvTranspose(prev)) => {
@@ -553,7 +605,7 @@ impl CodecDecoder {
                 s.push(x.squeeze(0)?.to_dtype(DType::F32)?);
             }
         }
-        let y = self.output_proj.forward(&x, real, &mut state.output)?; // [1, L, patch]
+        let y = self.output_proj.forward(&x, real, output)?; // [1, L, patch]
         let y = y.squeeze(0)?.narrow(0, 0, real)?.to_dtype(DType::F32)?; // [L, patch]
         if let Some(s) = stages {
             s.push(y.clone());
@@ -679,11 +731,10 @@ impl CodecDecoder {
         out.transpose(1, 2)?.reshape((b, len, h * d))
     }
 
-    /// [`Self::windowed_attention`] on f32 CPU tensors as plain loops: each query reads its own
-    /// `window + 1` keys where they are, instead of the ops' stacked copies of the window (a
-    /// quarter of a full decode's time went into those copies at window 16). Query rows run
-    /// in parallel; each query's sums run in one fixed order, so a chunk's result does not
-    /// depend on where it starts.
+    /// [`Self::windowed_attention`] on f32 CPU tensors by the host rows' loops
+    /// ([`window_attention`]): each query reads its own `window + 1` keys where they are,
+    /// instead of the ops' stacked copies of the window, in one fixed order, so a chunk's
+    /// result does not depend on where it starts.
     fn windowed_attention_cpu(
         &self,
         q: &Tensor,
@@ -692,50 +743,25 @@ impl CodecDecoder {
         window: usize,
         ctx: usize,
     ) -> Result<Tensor> {
-        use rayon::prelude::*;
         let (b, h, len, d) = q.dims4()?;
         let (kv, klen) = (k.dim(1)?, k.dim(2)?);
-        let group = h / kv.max(1);
-        let flat = |t: &Tensor| t.contiguous()?.flatten_all()?.to_vec1::<f32>();
-        let (q, k, v) = (flat(q)?, flat(k)?, flat(v)?);
-        let scale = 1.0 / (d as f32).sqrt();
-        let slopes = &self.slopes;
-        let mut out = vec![0f32; b * len * h * d]; // [b, len, h * d]
-        out.par_chunks_mut(h * d).enumerate().for_each_init(
-            || vec![0f32; window + 1],
-            |scores, (row, out)| {
-                let (bi, i) = (row / len, row % len);
-                // Query i sits at key position ctx + i; slot o holds key (ctx + i) - window + o.
-                let at = ctx + i;
-                let first = window.saturating_sub(at);
-                for hi in 0..h {
-                    let qv = &q[((bi * h + hi) * len + i) * d..][..d];
-                    let kvh = (bi * kv + hi / group) * klen;
-                    let m = slopes[hi];
-                    let mut max = f32::NEG_INFINITY;
-                    for o in first..=window {
-                        let kp = &k[(kvh + at + o - window) * d..][..d];
-                        let s = dot(qv, kp) * scale - m * (window - o) as f32;
-                        scores[o] = s;
-                        max = max.max(s);
-                    }
-                    let mut sum = 0f32;
-                    for s in &mut scores[first..=window] {
-                        *s = (*s - max).exp();
-                        sum += *s;
-                    }
-                    let o_h = &mut out[hi * d..][..d];
-                    o_h.fill(0.0);
-                    for o in first..=window {
-                        let p = scores[o] / sum;
-                        let vp = &v[(kvh + at + o - window) * d..][..d];
-                        for (y, x) in o_h.iter_mut().zip(vp) {
-                            *y += p * x;
-                        }
-                    }
-                }
-            },
-        );
+        // Time-first rows `[b, steps, heads · d]`, as the decode on host rows keeps them.
+        let rows = |t: &Tensor| t.transpose(1, 2)?.flatten_all()?.to_vec1::<f32>();
+        let (q, k, v) = (rows(q)?, rows(k)?, rows(v)?);
+        let (qn, kn) = (len * h * d, klen * kv * d);
+        let mut out = vec![0f32; b * qn];
+        let mut scores = vec![0f32; len * (window + 1)];
+        for (bi, out) in out.chunks_exact_mut(qn).enumerate() {
+            let (k, v) = (&k[bi * kn..][..kn], &v[bi * kn..][..kn]);
+            window_attention(
+                (&q[bi * qn..][..qn], k, v),
+                (h, kv, d),
+                (window, ctx),
+                &self.slopes,
+                &mut scores,
+                out,
+            );
+        }
         Tensor::from_vec(out, (b, len, h * d), &Device::Cpu)
     }
 
@@ -769,24 +795,6 @@ impl CodecDecoder {
             .product();
         up * self.patch
     }
-}
-
-/// `a · b` in eight lanes (so that it vectorizes), the lanes summed in a fixed order.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ac
-        .remainder()
-        .iter()
-        .zip(bc.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ac.zip(bc) {
-        for l in 0..8 {
-            lanes[l] += x[l] * y[l];
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@
 
 use candle_core::Result;
 
-use super::nn::{with_host_f32, RmsNorm, TransformerLayer};
+use super::nn::{with_host_f32, FeedForward, RmsNorm, TransformerLayer};
 
 /// Buffers for one layer on host rows (the flow head's or a backbone step's), grown on first
 /// use and then reused.
@@ -219,14 +219,8 @@ impl TransformerLayer {
         }
         let normed = room(&mut s.normed, queries * dim);
         norm_into(&self.ffn_norm, residual, normed)?;
-        let ff = &self.feed_forward;
-        let hidden = ff_hidden(ff, queries, normed, &mut s.gate, &mut s.up)?;
-        let gate = &mut s.gate[..queries * hidden];
-        for (g, &u) in gate.iter_mut().zip(&s.up[..queries * hidden]) {
-            // silu(g) * u, as candle's silu: g / (1 + exp(-g)).
-            *g = *g / (1.0 + (-*g).exp()) * u;
-        }
-        ff.w2.forward_host(gate, queries, projected)?;
+        let (gate, up) = (&mut s.gate, &mut s.up);
+        feed_forward_into(&self.feed_forward, queries, normed, (gate, up), projected)?;
         for (r, p) in residual.iter_mut().zip(projected.iter()) {
             *r += p;
         }
@@ -237,16 +231,23 @@ impl TransformerLayer {
     }
 }
 
-/// The gate and up projections of `x` into `gate` and `up`; returns the hidden width.
-fn ff_hidden(
-    ff: &super::nn::FeedForward,
+/// The SwiGLU feed-forward of `rows` rows `x` into `out`: `w2(silu(w1 x) · w3 x)`, the
+/// hidden rows in `gate` and `up`.
+pub fn feed_forward_into(
+    ff: &FeedForward,
     rows: usize,
     x: &[f32],
-    gate: &mut Vec<f32>,
-    up: &mut Vec<f32>,
-) -> Result<usize> {
+    (gate, up): (&mut Vec<f32>, &mut Vec<f32>),
+    out: &mut [f32],
+) -> Result<()> {
     let hidden = ff.w1.out_features()?;
-    ff.w1.forward_host(x, rows, room(gate, rows * hidden))?;
-    ff.w3.forward_host(x, rows, room(up, rows * hidden))?;
-    Ok(hidden)
+    let gate = room(gate, rows * hidden);
+    ff.w1.forward_host(x, rows, gate)?;
+    let up = room(up, rows * hidden);
+    ff.w3.forward_host(x, rows, up)?;
+    for (g, &u) in gate.iter_mut().zip(up.iter()) {
+        // silu(g) * u, as candle's silu: g / (1 + exp(-g)).
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+    ff.w2.forward_host(gate, rows, out)
 }

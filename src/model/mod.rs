@@ -3,6 +3,7 @@
 pub mod backbone;
 pub mod checkpoint;
 pub mod codec;
+mod codec_host;
 pub mod config;
 pub mod device;
 pub mod few_rows;
