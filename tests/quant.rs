@@ -195,3 +195,24 @@ fn flow_head_on_host_buffers_matches_candles_ops() {
         }
     });
 }
+
+/// The semantic codes of a batch (on host buffers, from logits kept in a reused buffer) are
+/// the greedy codes of each row's own logits, for one row and for five.
+#[test]
+fn semantic_codes_of_a_batch_are_each_rows_greedy_code() {
+    each_quant(|quant, m| {
+        let dim = m.backbone().dim();
+        for b in [1usize, 5] {
+            let h =
+                candle_core::Tensor::randn(0f32, 1.0, (b, dim), &candle_core::Device::Cpu).unwrap();
+            let codes = m.head().semantic_codes(&h).unwrap();
+            let want: Vec<u32> = (0..b)
+                .map(|i| {
+                    let logits = m.head().semantic_logits(&h.get(i).unwrap()).unwrap();
+                    m.head().semantic_code(&logits)
+                })
+                .collect();
+            assert_eq!(codes, want, "{quant:?}, {b} rows");
+        }
+    });
+}

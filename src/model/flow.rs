@@ -64,6 +64,8 @@ struct FlowScratch {
     normed: Vec<f32>,
     /// Velocities `[2B, A]`.
     velocity: Vec<f32>,
+    /// Semantic logits `[B, rows]`.
+    logits: Vec<f32>,
 }
 
 /// `y[r][o] = Σ_i x[r][i] · w[o][i]` for `w` `[out, in]` (small projections).
@@ -191,6 +193,33 @@ impl AcousticHead {
         h.to_dtype(DType::F32)?
             .matmul(&self.semantic_codebook_output.t()?)?
             .to_vec2()
+    }
+
+    /// [`Self::semantic_code`] for each row of `h` `[B, dim]`. On host buffers the logits go
+    /// into a buffer kept from frame to frame.
+    pub fn semantic_codes(&self, h: &Tensor) -> Result<Vec<u32>> {
+        let w = &self.semantic_codebook_output;
+        let b = h.dim(0)?;
+        let Some(host) = self
+            .host
+            .as_ref()
+            .filter(|_| b <= 16 && few_rows::available())
+        else {
+            let logits = self.semantic_logits_batch(h)?;
+            return Ok(logits.iter().map(|l| self.semantic_code(l)).collect());
+        };
+        let mut kept = host.scratch.try_lock();
+        let mut fresh = FlowScratch::default();
+        let logits = &mut kept.as_deref_mut().unwrap_or(&mut fresh).logits;
+        let out = w.dim(0)?;
+        let logits = room(logits, b * out);
+        with_host_f32(w, |w| {
+            with_host_f32(h, |h| few_rows::matmul_into(w, out, h, b, logits))
+        })?;
+        Ok(logits
+            .chunks_exact(out)
+            .map(|l| self.semantic_code(l))
+            .collect())
     }
 
     /// Greedy semantic code (with the +2 offset): `[EMPTY_AUDIO]` and padding rows are masked,
@@ -387,7 +416,14 @@ impl AcousticHead {
 
     /// Acoustic codes (with the +2 offset) for integrated values.
     pub fn quantize(&self, x: &[f32]) -> Vec<u32> {
-        x.iter().map(|&v| fsq_code(v, self.levels)).collect()
+        let mut codes = Vec::with_capacity(x.len());
+        self.quantize_onto(x, &mut codes);
+        codes
+    }
+
+    /// [`Self::quantize`] appended to `codes`.
+    pub fn quantize_onto(&self, x: &[f32], codes: &mut Vec<u32>) {
+        codes.extend(x.iter().map(|&v| fsq_code(v, self.levels)));
     }
 }
 

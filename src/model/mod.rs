@@ -705,6 +705,7 @@ impl Voxtral {
             .copied()
             .filter(|&i| gens[i].pending.is_some())
             .collect();
+        let mut stepped = None;
         if !stepping.is_empty() {
             let t = Instant::now();
             let frames: Vec<Vec<u32>> = stepping
@@ -727,6 +728,7 @@ impl Voxtral {
                 gens[i].timings.backbone += took;
                 gens[i].timings.backbone_steps += 1;
             }
+            stepped = Some(h);
         }
         // Semantic codes, then the flow head for those that go on.
         let t = Instant::now();
@@ -741,11 +743,14 @@ impl Voxtral {
             .iter()
             .map(|&i| gens[i].h.take().expect("filtered on h"))
             .collect::<Vec<_>>();
-        let stacked = Tensor::stack(&hs, 0)?;
-        let logits = self.head.semantic_logits_batch(&stacked)?;
+        // Usually the states are the rows of this frame's step, in order: no stack needed.
+        let stacked = match &stepped {
+            Some(h) if with_state == stepping => h.clone(),
+            _ => Tensor::stack(&hs, 0)?,
+        };
+        let semantics = self.head.semantic_codes(&stacked)?;
         let mut going = Vec::new();
-        for ((&i, h), logits) in with_state.iter().zip(hs).zip(logits) {
-            let semantic = self.head.semantic_code(&logits);
+        for ((&i, h), semantic) in with_state.iter().zip(hs).zip(semantics) {
             if semantic == END_AUDIO {
                 gens[i].finished = Some(StopReason::EndOfAudio);
                 if gens[i].frames == 0 {
@@ -790,7 +795,7 @@ impl Voxtral {
             let g = &mut gens[i];
             let mut codes = Vec::with_capacity(1 + x.len());
             codes.push(semantic);
-            codes.extend(self.head.quantize(&x));
+            self.head.quantize_onto(&x, &mut codes);
             g.timings.flow += took;
             g.frames += 1;
             g.pending = Some(codes.clone());
