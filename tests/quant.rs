@@ -216,3 +216,23 @@ fn semantic_codes_of_a_batch_are_each_rows_greedy_code() {
         }
     });
 }
+
+/// A frame whose codes lie past the audio-code table is an error from the step, not a panic
+/// or a wrapped-around row, and leaves the cache as it was.
+#[test]
+fn a_step_with_codes_past_the_table_fails_cleanly() {
+    each_quant(|quant, m| {
+        let prompt = m.prompt("casual_male", "Hi.").unwrap();
+        let mut c = m.backbone().new_cache();
+        m.backbone().forward(&mut c, &prompt.embeddings).unwrap();
+        let len = c.len();
+        for bad in [vec![u32::MAX; 37], vec![1_000_000; 37]] {
+            let r = m.backbone().step_frames(&mut [&mut c], &[bad]);
+            assert!(r.is_err(), "{quant:?}: a step with codes past the table");
+            assert_eq!(c.len(), len, "{quant:?}: the cache moved");
+        }
+        let good: Vec<u32> = (0..37).map(|k| 2 + k % 10).collect();
+        m.backbone().step_frames(&mut [&mut c], &[good]).unwrap();
+        assert_eq!(c.len(), len + 1);
+    });
+}

@@ -163,7 +163,7 @@ impl Backbone {
         let rows: Vec<u32> = codes
             .iter()
             .zip(&self.code_offsets)
-            .map(|(c, o)| c + o)
+            .map(|(c, o)| c.saturating_add(*o))
             .collect();
         let idx = Tensor::new(rows.as_slice(), self.audio_embeddings.device())?;
         self.audio_embeddings
@@ -321,7 +321,7 @@ impl Backbone {
         }
         row.fill(0.0);
         for (c, o) in codes.iter().zip(&self.code_offsets) {
-            let r = (c + o) as usize;
+            let r = *c as usize + *o as usize;
             let found = match table {
                 CpuStorage::F32(t) => add(&t[start..end], r, row, |x| x),
                 CpuStorage::BF16(t) => add(&t[start..end], r, row, f32::from),

@@ -182,32 +182,44 @@ impl AcousticHead {
 
     /// [`Self::semantic_logits`] for each row of `h` `[B, dim]`.
     pub fn semantic_logits_batch(&self, h: &Tensor) -> Result<Vec<Vec<f32>>> {
-        let w = &self.semantic_codebook_output;
-        let b = h.dim(0)?;
-        if self.host.is_some() && b <= 16 && few_rows::available() {
-            // Few rows against the f32 table: the few-row kernel, without candle's packing.
-            let out = w.dim(0)?;
-            let all = with_host_f32(w, |w| with_host_f32(h, |h| few_rows::matmul(w, out, h, b)))?;
-            return Ok(all.chunks_exact(out).map(<[f32]>::to_vec).collect());
+        let rows = |logits: &[f32], out| logits.chunks_exact(out).map(<[f32]>::to_vec).collect();
+        if let Some(rows) = self.with_host_logits(h, rows)? {
+            return Ok(rows);
         }
         h.to_dtype(DType::F32)?
             .matmul(&self.semantic_codebook_output.t()?)?
             .to_vec2()
     }
 
-    /// [`Self::semantic_code`] for each row of `h` `[B, dim]`. On host buffers the logits go
-    /// into a buffer kept from frame to frame.
+    /// [`Self::semantic_code`] for each row of `h` `[B, dim]`.
     pub fn semantic_codes(&self, h: &Tensor) -> Result<Vec<u32>> {
+        let codes = |logits: &[f32], out| {
+            let codes = logits.chunks_exact(out).map(|l| self.semantic_code(l));
+            codes.collect()
+        };
+        if let Some(codes) = self.with_host_logits(h, codes)? {
+            return Ok(codes);
+        }
+        let logits = self.semantic_logits_batch(h)?;
+        Ok(logits.iter().map(|l| self.semantic_code(l)).collect())
+    }
+
+    /// On host buffers with few rows, `f` on the logits of `h` `[B, dim]` (`[B, out]`, by the
+    /// few-row kernel without candle's packing, into a buffer kept from frame to frame) and
+    /// their width `out`; `None` elsewhere.
+    fn with_host_logits<T>(
+        &self,
+        h: &Tensor,
+        f: impl FnOnce(&[f32], usize) -> T,
+    ) -> Result<Option<T>> {
         let w = &self.semantic_codebook_output;
         let b = h.dim(0)?;
-        let Some(host) = self
-            .host
-            .as_ref()
-            .filter(|_| b <= 16 && few_rows::available())
-        else {
-            let logits = self.semantic_logits_batch(h)?;
-            return Ok(logits.iter().map(|l| self.semantic_code(l)).collect());
+        let Some(host) = self.host.as_ref() else {
+            return Ok(None);
         };
+        if b > 16 || !few_rows::available() {
+            return Ok(None);
+        }
         let mut kept = host.scratch.try_lock();
         let mut fresh = FlowScratch::default();
         let logits = &mut kept.as_deref_mut().unwrap_or(&mut fresh).logits;
@@ -216,10 +228,7 @@ impl AcousticHead {
         with_host_f32(w, |w| {
             with_host_f32(h, |h| few_rows::matmul_into(w, out, h, b, logits))
         })?;
-        Ok(logits
-            .chunks_exact(out)
-            .map(|l| self.semantic_code(l))
-            .collect())
+        Ok(Some(f(logits, out)))
     }
 
     /// Greedy semantic code (with the +2 offset): `[EMPTY_AUDIO]` and padding rows are masked,
