@@ -343,8 +343,6 @@ pub struct CodecDecoder {
     pub(crate) levels: usize,
     pub(crate) n_acoustic: usize,
     pub(crate) patch: usize,
-    /// Frames a chunk is padded to ([`MIN_DECODE_FRAMES`] on candle's ops, 1 on panels).
-    min_frames: usize,
     /// On panels: the buffers of the decode on host rows.
     pub(crate) host: Option<Mutex<HostScratch>>,
     dtype: DType,
@@ -458,7 +456,6 @@ impl CodecDecoder {
             levels: c.acoustic_codebook_size,
             n_acoustic: c.acoustic_dim,
             patch,
-            min_frames: if on_panels(&vb) { 1 } else { MIN_DECODE_FRAMES },
             host: on_panels(&vb).then(Default::default),
             dtype: vb.dtype(),
             device: vb.device().clone(),
@@ -519,6 +516,15 @@ impl CodecDecoder {
         Tensor::cat(&[&sem, &ac], 1)?
             .unsqueeze(0)?
             .to_dtype(self.dtype)
+    }
+
+    /// Frames a chunk on tensors is padded to: [`MIN_DECODE_FRAMES`] on candle's ops, 1 on
+    /// panels (which give the same result for every row count).
+    fn min_frames(&self) -> usize {
+        match self.host {
+            Some(_) => 1,
+            None => MIN_DECODE_FRAMES,
+        }
     }
 
     /// A state for a new stream: on host rows where the weights are on panels.
@@ -583,8 +589,8 @@ impl CodecDecoder {
             (Carry::Tensors { blocks, output }, _) => (blocks, output),
         };
         let mut padded = frames[..n].to_vec();
-        if n < self.min_frames && stages.is_none() {
-            padded.resize(self.min_frames, frames[n - 1].clone());
+        if n < self.min_frames() && stages.is_none() {
+            padded.resize(self.min_frames(), frames[n - 1].clone());
         }
         let mut x = self.latent(&padded)?; // [1, L, C]
         let mut real = n; // steps of x that belong to the stream
@@ -864,8 +870,8 @@ mod tests {
         };
         let (panels, ops) = (load(DType::F32)?, load(DType::BF16)?);
         let on_panels = crate::model::panels::suit(&Device::Cpu, DType::F32);
-        assert_eq!(panels.min_frames == 1, on_panels);
-        assert_eq!(ops.min_frames, MIN_DECODE_FRAMES);
+        assert_eq!(panels.min_frames() == 1, on_panels);
+        assert_eq!(ops.min_frames(), MIN_DECODE_FRAMES);
         let frames = crate::clone::search::random_codes(&panels, 21, 5);
         let want = panels.decode_frames(&frames, None).expect("panels");
         let full = ops.decode_frames(&frames, None).expect("ops");
