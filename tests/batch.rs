@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use voxtrald::model::noise::SeededNoise;
-use voxtrald::model::{Frame, GenerateOptions, Generation, Voxtral};
+use voxtrald::model::{Frame, FrameCodes, GenerateOptions, Generation, Voxtral};
 
 fn start<'m>(m: &'m Voxtral, voice: &str, text: &str, seed: u64, frames: usize) -> Generation<'m> {
     let prompt = m.prompt(voice, text).unwrap();
@@ -18,8 +18,17 @@ fn start<'m>(m: &'m Voxtral, voice: &str, text: &str, seed: u64, frames: usize) 
         .unwrap()
 }
 
-fn flat(f: &Frame) -> Vec<f32> {
-    f.hidden.flatten_all().unwrap().to_vec1().unwrap()
+/// A frame's codes and the backbone state that produced it.
+type Made = (FrameCodes, Vec<f32>);
+
+fn made(g: &Generation, f: Frame) -> Made {
+    let hidden = g.hidden().unwrap().flatten_all().unwrap();
+    (f.codes, hidden.to_vec1().unwrap())
+}
+
+fn next(g: &mut Generation) -> Option<Made> {
+    let f = g.next_frame().unwrap()?;
+    Some(made(g, f))
 }
 
 #[test]
@@ -30,18 +39,18 @@ fn batched_frames_equal_frames_decoded_alone() {
         ("fr_female", "Bonjour à tous, comment allez-vous ?", 4, 6),
         ("de_male", "Guten Tag.", 5, 12),
     ];
-    let alone: Vec<Vec<Frame>> = cases
+    let alone: Vec<Vec<Made>> = cases
         .iter()
         .map(|&(v, t, seed, n)| {
             let mut g = start(m, v, t, seed, n);
-            std::iter::from_fn(|| g.next_frame().unwrap()).collect()
+            std::iter::from_fn(|| next(&mut g)).collect()
         })
         .collect();
     let mut gens: Vec<Generation> = cases
         .iter()
         .map(|&(v, t, seed, n)| start(m, v, t, seed, n))
         .collect();
-    let mut together: Vec<Vec<Frame>> = vec![Vec::new(); cases.len()];
+    let mut together: Vec<Vec<Made>> = vec![Vec::new(); cases.len()];
     loop {
         let mut refs: Vec<&mut Generation> = gens.iter_mut().collect();
         let step = m.next_frames(&mut refs).unwrap();
@@ -50,7 +59,7 @@ fn batched_frames_equal_frames_decoded_alone() {
         }
         for (i, r) in step.into_iter().enumerate() {
             if let Some(f) = r.unwrap() {
-                together[i].push(f);
+                together[i].push(made(&gens[i], f));
             }
         }
     }
@@ -58,8 +67,8 @@ fn batched_frames_equal_frames_decoded_alone() {
         assert_eq!(a.len(), b.len(), "utterance {i}: frame counts");
         assert_eq!(a.len(), cases[i].3, "utterance {i} ran to its frame limit");
         for (fa, fb) in a.iter().zip(b) {
-            assert_eq!(fa.codes, fb.codes, "utterance {i}: codes");
-            let d = max_abs_diff(&flat(fa), &flat(fb));
+            assert_eq!(fa.0, fb.0, "utterance {i}: codes");
+            let d = max_abs_diff(&fa.1, &fb.1);
             assert!(d <= 1e-4, "utterance {i}: hidden states differ by {d}");
         }
     }
@@ -101,10 +110,10 @@ fn prompts_prefilled_together_give_the_frames_of_each_alone() {
         assert_eq!(together.positions(), prompt.ids.len());
         assert_eq!(together.positions(), alone.positions());
         let mut n = 0;
-        while let Some(fa) = alone.next_frame().unwrap() {
-            let fb = together.next_frame().unwrap().expect("as many frames");
-            assert_eq!(fa.codes, fb.codes, "{t}: codes of frame {n}");
-            let d = max_abs_diff(&flat(&fa), &flat(&fb));
+        while let Some(fa) = next(&mut alone) {
+            let fb = next(&mut together).expect("as many frames");
+            assert_eq!(fa.0, fb.0, "{t}: codes of frame {n}");
+            let d = max_abs_diff(&fa.1, &fb.1);
             assert!(d <= 1e-4, "{t}: hidden states of frame {n} differ by {d}");
             n += 1;
         }
@@ -121,7 +130,7 @@ fn a_warm_up_leaves_the_model_as_it_was() {
     let codes = |m: &Voxtral| -> Vec<Vec<u32>> {
         let mut g = start(m, "casual_male", "Hello world.", 5, 6);
         std::iter::from_fn(|| g.next_frame().unwrap())
-            .map(|f| f.codes)
+            .map(|f| f.codes.to_vec())
             .collect()
     };
     let before = codes(m);

@@ -248,10 +248,14 @@ fn generation_loop_with_injected_noise() {
     let mut frames = Vec::new();
     let mut hidden = Vec::new();
     while let Some(f) = gen.next_frame().unwrap() {
-        hidden.extend(flat(&f.hidden));
+        hidden.extend(flat(&gen.hidden().unwrap()));
         frames.push(f.codes);
     }
-    let got: Vec<i64> = frames.iter().flatten().map(|&c| c as i64).collect();
+    let got: Vec<i64> = frames
+        .iter()
+        .flat_map(|f| f.iter())
+        .map(|&c| c as i64)
+        .collect();
     assert_eq!(got, golden_i64("gen_codes"), "gen_codes must match exactly");
     assert_close("gen_hidden", &hidden, &golden_f32("gen_hidden"), 1e-4, 1e-4);
     let wave = m.decode(&frames).unwrap();
@@ -270,7 +274,7 @@ fn stream(frames: &[Vec<u32>], schedule: ChunkSchedule) -> (Vec<f32>, Vec<usize>
     let mut out = Vec::new();
     let mut chunks = Vec::new();
     for f in frames {
-        if let Some(c) = dec.push(m.codec(), f.clone()).unwrap() {
+        if let Some(c) = dec.push(m.codec(), f).unwrap() {
             chunks.push(c.len() / 1920);
             out.extend(c);
         }

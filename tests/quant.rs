@@ -142,7 +142,7 @@ fn backbone_steps_on_host_buffers_match_candles_ops() {
                 let mut refs: Vec<_> = host.iter_mut().collect();
                 let a = flat(&m.backbone().step_batch(&mut refs, &embeds).unwrap());
                 let mut refs: Vec<_> = ops.iter_mut().collect();
-                let want = flat(&m.backbone().step_batch_ops(&mut refs, &embeds).unwrap());
+                let want = flat(&m.backbone().step_batch_ops(&mut refs[..], &embeds).unwrap());
                 assert_same(&format!("{quant:?} b={b} step {step}"), quant, &a, &want);
                 assert!(a.iter().any(|v| *v != 0.0));
             }
@@ -183,6 +183,17 @@ fn flow_head_on_host_buffers_matches_candles_ops() {
             for (r, (x, y)) in host.iter().zip(&ops).enumerate() {
                 assert_same(&format!("{quant:?} b={b} row {r}"), quant, x, y);
             }
+            // From host rows into a kept buffer: the batch's values, bit for bit.
+            let rows: Vec<f32> = h.flatten_all().unwrap().to_vec1().unwrap();
+            let mut values = vec![9.0; 5];
+            m.head()
+                .integrate_rows(&rows, &noise.concat(), 1.2, None, &mut values)
+                .unwrap();
+            assert_eq!(values, host.concat(), "{quant:?} b={b}: rows and tensor");
+            let short =
+                m.head()
+                    .integrate_rows(&rows, &noise.concat()[1..], 1.2, None, &mut values);
+            assert!(short.is_err(), "{quant:?}: noise one value short");
             let flat = |v: &Vec<Vec<f32>>| v.concat();
             let (th, to): (
                 &voxtrald::model::flow::FlowTrace,
@@ -213,6 +224,16 @@ fn semantic_codes_of_a_batch_are_each_rows_greedy_code() {
                 })
                 .collect();
             assert_eq!(codes, want, "{quant:?}, {b} rows");
+            // From host rows, appended after what the buffer holds.
+            let rows: Vec<f32> = h.flatten_all().unwrap().to_vec1().unwrap();
+            let mut from_rows = vec![7];
+            m.head()
+                .semantic_codes_of_rows(&rows, &mut from_rows)
+                .unwrap();
+            assert_eq!(from_rows[0], 7);
+            assert_eq!(from_rows[1..], want, "{quant:?}, {b} host rows");
+            let ragged = m.head().semantic_codes_of_rows(&rows[1..], &mut from_rows);
+            assert!(ragged.is_err(), "{quant:?}: rows of the wrong width");
         }
     });
 }
@@ -227,12 +248,22 @@ fn a_step_with_codes_past_the_table_fails_cleanly() {
         m.backbone().forward(&mut c, &prompt.embeddings).unwrap();
         let len = c.len();
         for bad in [vec![u32::MAX; 37], vec![1_000_000; 37]] {
-            let r = m.backbone().step_frames(&mut [&mut c], &[bad]);
+            let r = m
+                .backbone()
+                .step_frames(&mut [&mut c][..], &bad, &mut Vec::new());
             assert!(r.is_err(), "{quant:?}: a step with codes past the table");
             assert_eq!(c.len(), len, "{quant:?}: the cache moved");
         }
         let good: Vec<u32> = (0..37).map(|k| 2 + k % 10).collect();
-        m.backbone().step_frames(&mut [&mut c], &[good]).unwrap();
+        let mut rows = Vec::new();
+        let tensor = m
+            .backbone()
+            .step_frames(&mut [&mut c][..], &good, &mut rows);
+        assert!(
+            tensor.unwrap().is_none(),
+            "{quant:?}: a CPU step gives host rows"
+        );
+        assert_eq!(rows.len(), m.config().dim);
         assert_eq!(c.len(), len + 1);
     });
 }

@@ -43,7 +43,7 @@ fn generate(
         .unwrap();
     let mut frames = Vec::new();
     while let Some(f) = gen.next_frame().unwrap() {
-        frames.push(f.codes);
+        frames.push(f.codes.to_vec());
     }
     (frames, gen.stop_reason())
 }
@@ -90,7 +90,7 @@ fn odd_shapes_kv_cache_and_streaming() {
     let mut dec = StreamingDecoder::new(ChunkSchedule::default());
     let mut streamed = Vec::new();
     for f in &frames {
-        if let Some(c) = dec.push(m.codec(), f.clone()).unwrap() {
+        if let Some(c) = dec.push(m.codec(), f).unwrap() {
             streamed.extend(c);
         }
     }

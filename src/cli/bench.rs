@@ -222,6 +222,9 @@ struct Report {
     /// codec; the prefill excluded), by the binary's counted allocator; null without it.
     allocations_per_frame: Option<f64>,
     allocated_mb_per_frame: Option<f64>,
+    /// Allocations per frame over the second half of the frames, once the loop's buffers
+    /// have grown (a chunk's decode among them).
+    steady_allocations_per_frame: Option<f64>,
 }
 
 /// Memory bandwidth in GB/s of the device the model is on: the best of five copies of 256 MiB
@@ -282,9 +285,17 @@ struct Run {
     codec_ms: f64,
     rtf: f64,
     /// Allocations and bytes per frame, where counted.
-    heap: Option<(f64, f64)>,
+    heap: Option<Heap>,
     frames: usize,
     positions: usize,
+}
+
+/// What the frame loop allocated.
+#[derive(Clone, Copy)]
+struct Heap {
+    per_frame: f64,
+    mb_per_frame: f64,
+    steady_per_frame: f64,
 }
 
 fn one_run(a: &BenchArgs, model: &Voxtral, load_s: f64) -> anyhow::Result<Run> {
@@ -300,15 +311,20 @@ fn one_run(a: &BenchArgs, model: &Voxtral, load_s: f64) -> anyhow::Result<Run> {
     let mut first_audio = None;
     let mut codec_s = 0.0;
     let mut samples = 0usize;
+    // The heap counts after each frame, in room kept before counting starts.
+    let mut after_frame = Vec::with_capacity(a.frames + 1);
     crate::heap::start_counting();
     let heap_before = crate::heap::counts();
     while let Some(f) = gen.next_frame()? {
         let t = Instant::now();
-        let chunk = dec.push(model.codec(), f.codes)?;
+        let chunk = dec.push(model.codec(), &f.codes)?;
         codec_s += t.elapsed().as_secs_f64();
         if let Some(c) = chunk {
             samples += c.len();
             first_audio.get_or_insert(start.elapsed().as_secs_f64());
+        }
+        if after_frame.len() < after_frame.capacity() {
+            after_frame.push(crate::heap::counts());
         }
     }
     let t = Instant::now();
@@ -318,7 +334,19 @@ fn one_run(a: &BenchArgs, model: &Voxtral, load_s: f64) -> anyhow::Result<Run> {
         .zip(crate::heap::counts())
         .map(|((n0, b0), (n1, b1))| {
             let per = gen.frames().max(1) as f64;
-            ((n1 - n0) as f64 / per, (b1 - b0) as f64 / per / 1e6)
+            // From the count after the first half's last frame to the count after the last.
+            let half = after_frame.len() / 2;
+            let steady = match (half.checked_sub(1), after_frame.last()) {
+                (Some(h), Some(&Some((end, _)))) => after_frame[h].map_or(f64::NAN, |(at, _)| {
+                    (end - at) as f64 / (after_frame.len() - half) as f64
+                }),
+                _ => f64::NAN,
+            };
+            Heap {
+                per_frame: (n1 - n0) as f64 / per,
+                mb_per_frame: (b1 - b0) as f64 / per / 1e6,
+                steady_per_frame: steady,
+            }
         });
     let total = start.elapsed().as_secs_f64();
     let frames = gen.frames().max(1);
@@ -397,10 +425,13 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         flow_over_floor: flow_ms / floor_ms(reads.flow),
         allocations_per_frame: runs[0]
             .heap
-            .map(|_| m(|r| r.heap.map_or(f64::NAN, |h| h.0))),
+            .map(|_| m(|r| r.heap.map_or(f64::NAN, |h| h.per_frame))),
         allocated_mb_per_frame: runs[0]
             .heap
-            .map(|_| m(|r| r.heap.map_or(f64::NAN, |h| h.1))),
+            .map(|_| m(|r| r.heap.map_or(f64::NAN, |h| h.mb_per_frame))),
+        steady_allocations_per_frame: runs[0]
+            .heap
+            .map(|_| m(|r| r.heap.map_or(f64::NAN, |h| h.steady_per_frame))),
     };
     if a.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -420,8 +451,12 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             report.flow_floor_ms,
             report.flow_over_floor
         );
-        if let (Some(n), Some(mb)) = (report.allocations_per_frame, report.allocated_mb_per_frame) {
-            println!("  heap: {n:.0} allocations, {mb:.1} MB a frame");
+        if let (Some(n), Some(mb), Some(steady)) = (
+            report.allocations_per_frame,
+            report.allocated_mb_per_frame,
+            report.steady_allocations_per_frame,
+        ) {
+            println!("  heap: {n:.1} allocations, {mb:.2} MB a frame; {steady:.2} a frame in the second half");
         }
     }
     Ok(())

@@ -197,13 +197,13 @@ fn compare(a: CompareArgs) -> anyhow::Result<()> {
         let Some(fc) = gc.next_frame()? else {
             break;
         };
-        hidden_min = hidden_min.min(cosine(&flat(&fr.hidden)?, &flat(&fc.hidden)?));
+        hidden_min = hidden_min.min(cosine(&flat(&gr.hidden()?)?, &flat(&gc.hidden()?)?));
         sem_equal += usize::from(fr.codes[0] == fc.codes[0]);
         for (x, y) in fr.codes[1..].iter().zip(&fc.codes[1..]) {
             moved += usize::from(x != y);
             max_diff = max_diff.max(x.abs_diff(*y));
         }
-        gc.force_next_input(fr.codes.clone());
+        gc.force_next_input(fr.codes);
         frames.push(fr.codes);
     }
     let wr = reference.decode(&frames)?;
@@ -290,8 +290,11 @@ fn ids_tensor(ids: &[u32]) -> anyhow::Result<Tensor> {
     Ok(Tensor::from_vec(v, ids.len(), &Device::Cpu)?)
 }
 
-fn frames_tensor(frames: &[Vec<u32>], per_frame: usize) -> anyhow::Result<Tensor> {
-    let v: Vec<i32> = frames.iter().flatten().map(|&c| c as i32).collect();
+fn frames_tensor<F: AsRef<[u32]>>(frames: &[F], per_frame: usize) -> anyhow::Result<Tensor> {
+    let v: Vec<i32> = frames
+        .iter()
+        .flat_map(|f| f.as_ref().iter().map(|&c| c as i32))
+        .collect();
     Ok(Tensor::from_vec(
         v,
         (frames.len(), per_frame),
@@ -305,7 +308,7 @@ pub fn streaming_decode(model: &Voxtral, frames: &[Vec<u32>]) -> crate::Result<V
     let mut dec = StreamingDecoder::new(ChunkSchedule::default());
     let mut out = Vec::new();
     for f in &frames[..n] {
-        if let Some(chunk) = dec.push(model.codec(), f.clone())? {
+        if let Some(chunk) = dec.push(model.codec(), f)? {
             out.extend(chunk);
         }
     }
@@ -454,7 +457,11 @@ pub fn run(cmd: DevCommand) -> anyhow::Result<()> {
             let mut hidden = Vec::new();
             while let Some(f) = gen.next_frame()? {
                 frames.push(f.codes);
-                hidden.push(f.hidden.to_dtype(DType::F32)?.to_device(&Device::Cpu)?);
+                hidden.push(
+                    gen.hidden()?
+                        .to_dtype(DType::F32)?
+                        .to_device(&Device::Cpu)?,
+                );
             }
             let wave = m.decode(&frames)?;
             let n = wave.len();

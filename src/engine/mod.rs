@@ -330,11 +330,11 @@ mod tests {
     }
 
     impl NoiseSource for FaultyNoise {
-        fn frame(&mut self, frame: usize, n: usize) -> Result<Vec<f32>> {
+        fn fill(&mut self, frame: usize, out: &mut [f32]) -> Result<()> {
             match (frame, self.panics) {
                 (2, true) => panic!("injected step fault"),
                 (2, false) => Err(Error::InvalidInput("injected step error".into())),
-                _ => self.inner.frame(frame, n),
+                _ => self.inner.fill(frame, out),
             }
         }
     }

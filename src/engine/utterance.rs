@@ -446,14 +446,14 @@ impl<'m> Active<'m> {
             Ok(Some(frame)) => {
                 self.job.control.frames.fetch_add(1, Ordering::SeqCst);
                 utt.frames += 1;
-                if let Some(samples) = utt.dec.push(model.codec(), frame.codes)? {
-                    utt.prosody.push(&samples, &mut out)?;
+                if let Some(samples) = utt.dec.push(model.codec(), &frame.codes)? {
+                    utt.prosody.push(samples, &mut out)?;
                 }
                 self.emit_spoken(out, false);
             }
             // A sentence with no audio (e.g. only punctuation) is skipped, not fatal.
             Ok(None) | Err(Error::NoAudio) => {
-                utt.prosody.push(&utt.dec.flush(model.codec())?, &mut out)?;
+                utt.prosody.push(utt.dec.flush(model.codec())?, &mut out)?;
                 utt.prosody.finish(&mut out)?;
                 // The pace of a sentence the model ended itself is the best estimate of the
                 // next one's.

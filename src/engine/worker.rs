@@ -11,7 +11,7 @@ use super::policy;
 use super::request::{Destination, Event, JobId, Priority, SpeechRequest};
 use super::utterance::{Active, SentenceStart};
 use super::EngineConfig;
-use crate::model::{Generation, Prompt, StepMark, Voxtral};
+use crate::model::{Frame, Generation, Prompt, StepMark, Streams, Voxtral};
 use crate::Error;
 
 /// A job between its submission and its end: what to say, where it has got to.
@@ -161,6 +161,7 @@ pub(super) fn run(shared: Arc<Shared>) {
     shared.ready.set();
     let stall = shared.cfg.stall_timeout;
     let mut active: Vec<Active<'_>> = Vec::new();
+    let mut steps = StepBuffers::default();
     while settle(&shared, &mut active) {
         let mut progressed = false;
         // Newcomers' prefills share one pass. While some are mid-sentence, a few per step, so
@@ -190,7 +191,7 @@ pub(super) fn run(shared: Arc<Shared>) {
             .widest_prefill
             .fetch_max(starts.len(), Ordering::Relaxed);
         prefill(model, &shared.cfg, &mut active, starts);
-        progressed |= step(&shared, &mut active);
+        progressed |= step(&shared, &mut active, &mut steps);
         for a in &mut active {
             a.finish_if_done(model.sample_rate());
             progressed |= a.deliver(stall);
@@ -246,16 +247,43 @@ fn prefill<'m>(
     }
 }
 
+/// What a decoding step keeps from step to step, so that a step allocates nothing: which
+/// jobs are ready, and their results.
+#[derive(Default)]
+struct StepBuffers {
+    ready: Vec<usize>,
+    results: Vec<crate::Result<Option<Frame>>>,
+}
+
+/// The jobs at `ready` (ascending indices, each with an utterance), as the model steps them.
+struct ReadyJobs<'a, 'm> {
+    active: &'a mut [Active<'m>],
+    ready: &'a [usize],
+}
+
+impl<'m> Streams<'m> for ReadyJobs<'_, 'm> {
+    fn count(&self) -> usize {
+        self.ready.len()
+    }
+    fn stream(&mut self, i: usize) -> &mut Generation<'m> {
+        self.active[self.ready[i]]
+            .generation()
+            .expect("a ready job has an utterance")
+    }
+}
+
 /// Advances every ready job by one frame, all in one decoding step. Returns whether any did.
-fn step<'m>(shared: &'m Shared, active: &mut [Active<'m>]) -> bool {
-    let ready: Vec<usize> = (0..active.len()).filter(|&i| active[i].ready()).collect();
+fn step<'m>(shared: &'m Shared, active: &mut [Active<'m>], buffers: &mut StepBuffers) -> bool {
+    let StepBuffers { ready, results } = buffers;
+    ready.clear();
+    ready.extend((0..active.len()).filter(|&i| active[i].ready()));
     if ready.is_empty() {
         return false;
     }
     shared.widest_step.fetch_max(ready.len(), Ordering::Relaxed);
     if ready.len() == 1 {
         // Alone: nothing to retry, so no mark to take on the single-stream hot path.
-        if let Err(e) = shared_step(&shared.model, active, &ready) {
+        if let Err(e) = shared_step(&shared.model, active, ready, results) {
             active[ready[0]].fail(e);
         }
         return true;
@@ -264,7 +292,7 @@ fn step<'m>(shared: &'m Shared, active: &mut [Active<'m>]) -> bool {
         .iter()
         .map(|&i| active[i].generation().map(|g| g.mark()))
         .collect();
-    let failure = match shared_step(&shared.model, active, &ready) {
+    let failure = match shared_step(&shared.model, active, ready, results) {
         Ok(()) => return true,
         Err(e) => e,
     };
@@ -275,34 +303,33 @@ fn step<'m>(shared: &'m Shared, active: &mut [Active<'m>]) -> bool {
         if let (Some(g), Some(mark)) = (active[i].generation(), mark) {
             g.restore(mark);
         }
-        if let Err(e) = shared_step(&shared.model, active, &[i]) {
+        if let Err(e) = shared_step(&shared.model, active, &[i], results) {
             active[i].fail(e);
         }
     }
     true
 }
 
-/// One decoding step for the jobs at `ready` (ascending indices): their frames are taken, or
-/// the step's error (a panic included) is returned for all of them.
+/// One decoding step for the jobs at `ready` (ascending indices, each ready): their frames
+/// are taken, or the step's error (a panic included) is returned for all of them.
 fn shared_step<'m>(
     model: &'m Voxtral,
     active: &mut [Active<'m>],
     ready: &[usize],
+    results: &mut Vec<crate::Result<Option<Frame>>>,
 ) -> Result<(), Error> {
-    let results = {
-        let mut gens: Vec<&mut Generation<'m>> = active
-            .iter_mut()
-            .enumerate()
-            .filter(|(i, _)| ready.binary_search(i).is_ok())
-            .filter_map(|(_, a)| a.generation())
-            .collect();
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            model.next_frames(&mut gens)
-        }))
-    };
-    match results {
-        Ok(Ok(results)) => {
-            for (&i, frame) in ready.iter().zip(results) {
+    let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        model.next_frames_into(
+            &mut ReadyJobs {
+                active: &mut *active,
+                ready,
+            },
+            results,
+        )
+    }));
+    match stepped {
+        Ok(Ok(())) => {
+            for (&i, frame) in ready.iter().zip(results.drain(..)) {
                 active[i].guarded(|a| a.take_frame(model, frame));
             }
             Ok(())

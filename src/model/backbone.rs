@@ -27,6 +27,22 @@ impl BackboneCache {
     }
 }
 
+/// The caches one step advances, in row order: a slice of them, or the generation loop's
+/// view of the streams that step (which keeps no vector of references from frame to frame).
+pub trait StepCaches {
+    fn count(&self) -> usize;
+    fn cache(&mut self, row: usize) -> &mut BackboneCache;
+}
+
+impl StepCaches for [&mut BackboneCache] {
+    fn count(&self) -> usize {
+        self.len()
+    }
+    fn cache(&mut self, row: usize) -> &mut BackboneCache {
+        self[row]
+    }
+}
+
 pub struct Backbone {
     tok_embeddings: Embedding,
     audio_embeddings: Tensor,
@@ -50,7 +66,6 @@ struct StepScratch {
     layer: LayerScratch,
     /// The rows `[B, dim]`.
     x: Vec<f32>,
-    normed: Vec<f32>,
     scores: Vec<f32>,
 }
 
@@ -262,42 +277,71 @@ impl Backbone {
     ) -> crate::Result<Tensor> {
         let (b, d) = embeds.dims2()?;
         self.check_step(caches, b)?;
-        match &self.host {
-            Some(scratch) => self.step_host(scratch, caches, |x| {
-                with_host_f32(embeds, |e| {
-                    if e.len() != x.len() {
-                        candle_core::bail!("step: {} values for {b} rows of {d}", e.len());
-                    }
-                    x.copy_from_slice(e);
-                    Ok(())
-                })
-            }),
-            None => self.step_batch_ops(caches, embeds),
-        }
+        let Some(scratch) = &self.host else {
+            return self.step_batch_ops(caches, embeds);
+        };
+        let mut rows = Vec::new();
+        self.step_host(scratch, caches, &mut rows, |x| {
+            with_host_f32(embeds, |e| {
+                if e.len() != x.len() {
+                    candle_core::bail!("step: {} values for {b} rows of {d}", e.len());
+                }
+                x.copy_from_slice(e);
+                Ok(())
+            })
+        })?;
+        Ok(Tensor::from_vec(rows, (b, d), &Device::Cpu)?)
     }
 
     /// [`Self::step_batch`] with the inputs given as frames: row `b` is the sum of the
-    /// embeddings of `frames[b]`'s codes ([`Self::embed_frame`]). On host buffers the rows of
-    /// the audio-code table are summed straight into the step's input.
-    pub fn step_frames(
+    /// embeddings of the `b`-th frame of `codes` (frames of [`Self::codes_per_frame`] codes,
+    /// one after the other; see [`Self::embed_frame`]).
+    ///
+    /// On host buffers the rows of the audio-code table are summed straight into the step's
+    /// input, the normed states `[B, dim]` go into `rows`, and the result is `None`: the step
+    /// allocates nothing once `rows` has grown. Elsewhere the states come back as a tensor.
+    pub fn step_frames<C: StepCaches + ?Sized>(
         &self,
-        caches: &mut [&mut BackboneCache],
-        frames: &[Vec<u32>],
-    ) -> crate::Result<Tensor> {
+        caches: &mut C,
+        codes: &[u32],
+        rows: &mut Vec<f32>,
+    ) -> crate::Result<Option<Tensor>> {
+        let per = self.codes_per_frame();
+        if codes.len() != caches.count() * per {
+            return Err(crate::Error::InvalidInput(format!(
+                "{} codes for {} frames of {per}",
+                codes.len(),
+                caches.count()
+            )));
+        }
+        self.check_step(caches, codes.len() / per)?;
         let Some(scratch) = &self.host else {
-            let embeds = frames
-                .iter()
+            let embeds = codes
+                .chunks_exact(per)
                 .map(|f| self.embed_frame(f))
                 .collect::<Result<Vec<_>>>()?;
-            return self.step_batch(caches, &Tensor::cat(&embeds, 0)?);
+            return self
+                .step_batch_ops(caches, &Tensor::cat(&embeds, 0)?)
+                .map(Some);
         };
-        self.check_step(caches, frames.len())?;
-        self.step_host(scratch, caches, |x| {
-            for (row, codes) in x.chunks_exact_mut(self.dim).zip(frames) {
+        self.step_host(scratch, caches, rows, |x| {
+            for (row, codes) in x.chunks_exact_mut(self.dim).zip(codes.chunks_exact(per)) {
                 self.sum_code_rows(codes, row)?;
             }
             Ok(())
-        })
+        })?;
+        Ok(None)
+    }
+
+    /// Whether a step runs on host buffers, its states given as host rows
+    /// ([`Self::step_frames`]).
+    pub fn steps_on_host(&self) -> bool {
+        self.host.is_some()
+    }
+
+    /// Codes in a frame: the semantic one and the acoustic ones.
+    pub fn codes_per_frame(&self) -> usize {
+        self.code_offsets.len()
     }
 
     /// The sum of the audio-code table's rows for `codes` into `row`, read in place from the
@@ -338,40 +382,48 @@ impl Backbone {
     }
 
     /// A step's preconditions: one input per sequence, and room in each cache.
-    fn check_step(&self, caches: &[&mut BackboneCache], inputs: usize) -> crate::Result<()> {
-        if inputs != caches.len() {
+    fn check_step<C: StepCaches + ?Sized>(
+        &self,
+        caches: &mut C,
+        inputs: usize,
+    ) -> crate::Result<()> {
+        if inputs != caches.count() {
             return Err(crate::Error::InvalidInput(format!(
                 "{inputs} inputs for {} sequences",
-                caches.len()
+                caches.count()
             )));
         }
-        if let Some(c) = caches.iter().find(|c| c.len + 1 > self.max_positions) {
-            return Err(crate::Error::ContextOverflow {
-                needed: c.len + 1,
-                limit: self.max_positions,
-            });
+        for row in 0..caches.count() {
+            let needed = caches.cache(row).len + 1;
+            if needed > self.max_positions {
+                return Err(crate::Error::ContextOverflow {
+                    needed,
+                    limit: self.max_positions,
+                });
+            }
         }
         Ok(())
     }
 
     /// [`Self::step_batch`] on host buffers: `input` fills the rows `[B, dim]`, then each layer
     /// runs by [`TransformerLayer::forward_host`], its keys and values appended in place to
-    /// the host rows a prefill filled, attention read from them where they lie.
-    fn step_host(
+    /// the host rows a prefill filled, attention read from them where they lie. The normed
+    /// states go into `out`.
+    fn step_host<C: StepCaches + ?Sized>(
         &self,
         scratch: &std::sync::Mutex<StepScratch>,
-        caches: &mut [&mut BackboneCache],
+        caches: &mut C,
+        out: &mut Vec<f32>,
         input: impl FnOnce(&mut [f32]) -> Result<()>,
-    ) -> crate::Result<Tensor> {
+    ) -> crate::Result<()> {
         let mut kept = scratch.try_lock();
         let mut fresh = StepScratch::default();
         let StepScratch {
             layer: layer_scratch,
             x,
-            normed,
             scores,
         } = kept.as_deref_mut().unwrap_or(&mut fresh);
-        let (b, d) = (caches.len(), self.dim);
+        let (b, d) = (caches.count(), self.dim);
         let x = room(x, b * d);
         input(x)?;
         let half = self.cos.dim(1)?;
@@ -380,7 +432,8 @@ impl Backbone {
                 for (l, layer) in self.layers.iter().enumerate() {
                     let attend = |h: Heads| {
                         let (heads, kv, hd) = layer.head_shape();
-                        for (i, cache) in caches.iter_mut().enumerate() {
+                        for i in 0..b {
+                            let cache = caches.cache(i);
                             let at = cache.len * half;
                             let (cos, sin) = (&cos[at..][..half], &sin[at..][..half]);
                             let q = &mut h.q[i * heads * hd..][..heads * hd];
@@ -406,35 +459,37 @@ impl Backbone {
                 Ok(())
             })
         })?;
-        for c in caches.iter_mut() {
-            c.len += 1;
+        for i in 0..b {
+            caches.cache(i).len += 1;
         }
-        let normed = room(normed, b * d);
-        norm_into(&self.norm, x, normed)?;
-        Ok(Tensor::from_slice(normed, (b, d), &Device::Cpu)?.to_dtype(self.dtype)?)
+        out.clear();
+        out.resize(b * d, 0.0);
+        norm_into(&self.norm, x, out)?;
+        Ok(())
     }
 
     /// [`Self::step_batch`] by candle's ops (any device and dtype); on the CPU in f32, the
     /// reference the host path is tested against.
     #[doc(hidden)]
-    pub fn step_batch_ops(
+    pub fn step_batch_ops<C: StepCaches + ?Sized>(
         &self,
-        caches: &mut [&mut BackboneCache],
+        caches: &mut C,
         embeds: &Tensor,
     ) -> crate::Result<Tensor> {
-        let b = caches.len();
-        let rope = caches
-            .iter()
-            .map(|c| Ok((self.cos.narrow(0, c.len, 1)?, self.sin.narrow(0, c.len, 1)?)))
+        let b = caches.count();
+        let rope = (0..b)
+            .map(|i| {
+                let at = caches.cache(i).len;
+                Ok((self.cos.narrow(0, at, 1)?, self.sin.narrow(0, at, 1)?))
+            })
             .collect::<Result<Vec<_>>>()?;
         let mut x = embeds.to_dtype(self.cos.dtype())?.unsqueeze(1)?; // [B, 1, dim]
         for (l, layer) in self.layers.iter().enumerate() {
             x = layer.forward(&x, |q, k, v| {
                 let mut outs = Vec::with_capacity(b);
-                for (i, cache) in caches.iter_mut().enumerate() {
-                    let (cos, sin) = &rope[i];
+                for (i, (cos, sin)) in rope.iter().enumerate() {
                     outs.push(attend_cached(
-                        &mut cache.layers[l],
+                        &mut caches.cache(i).layers[l],
                         &q.narrow(0, i, 1)?,
                         &k.narrow(0, i, 1)?,
                         &v.narrow(0, i, 1)?,
@@ -445,8 +500,8 @@ impl Backbone {
                 Tensor::cat(&outs, 0)
             })?;
         }
-        for c in caches.iter_mut() {
-            c.len += 1;
+        for i in 0..b {
+            caches.cache(i).len += 1;
         }
         Ok(self.norm.forward(&x)?.squeeze(1)?)
     }

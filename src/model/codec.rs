@@ -468,9 +468,10 @@ impl CodecDecoder {
 
     /// Checks model-side codes (with the +2 offset) and returns how many frames precede the
     /// first `[END_AUDIO]` frame.
-    pub fn valid_frames(&self, frames: &[Vec<u32>]) -> crate::Result<usize> {
+    pub fn valid_frames<F: AsRef<[u32]>>(&self, frames: &[F]) -> crate::Result<usize> {
         let bad = |m: String| crate::Error::InvalidCodes(m);
         for (t, f) in frames.iter().enumerate() {
+            let f = f.as_ref();
             if f.len() != self.codes_per_frame() {
                 return Err(bad(format!(
                     "frame {t} has {} codes, expected {}",
@@ -503,14 +504,18 @@ impl CodecDecoder {
     }
 
     /// Dequantized latent `[1, T, semantic_dim + acoustic_dim]` of validated frames.
-    pub fn latent(&self, frames: &[Vec<u32>]) -> Result<Tensor> {
+    pub fn latent<F: AsRef<[u32]>>(&self, frames: &[F]) -> Result<Tensor> {
         let off = SPECIAL_CODES as u32;
-        let sem: Vec<u32> = frames.iter().map(|f| f[0] - off).collect();
+        let sem: Vec<u32> = frames.iter().map(|f| f.as_ref()[0] - off).collect();
         let sem = Tensor::new(sem.as_slice(), &self.device)?;
         let sem = self.semantic_codebook.index_select(&sem, 0)?; // [T, sd]
         let ac: Vec<f32> = frames
             .iter()
-            .flat_map(|f| f[1..].iter().map(|&c| fsq_value(c - off, self.levels)))
+            .flat_map(|f| {
+                f.as_ref()[1..]
+                    .iter()
+                    .map(|&c| fsq_value(c - off, self.levels))
+            })
             .collect();
         let ac = Tensor::from_vec(ac, (frames.len(), self.n_acoustic), &self.device)?;
         Tensor::cat(&[&sem, &ac], 1)?
@@ -521,10 +526,17 @@ impl CodecDecoder {
     /// Frames a chunk on tensors is padded to: [`MIN_DECODE_FRAMES`] on candle's ops, 1 on
     /// panels (which give the same result for every row count).
     fn min_frames(&self) -> usize {
-        match self.host {
-            Some(_) => 1,
-            None => MIN_DECODE_FRAMES,
+        if self.decodes_on_host() {
+            1
+        } else {
+            MIN_DECODE_FRAMES
         }
+    }
+
+    /// Whether a new stream decodes on host rows (the CPU in f32 with the panels), where a
+    /// chunk allocates nothing once the buffers have grown.
+    pub fn decodes_on_host(&self) -> bool {
+        self.host.is_some()
     }
 
     /// A state for a new stream: on host rows where the weights are on panels.
@@ -555,9 +567,9 @@ impl CodecDecoder {
 
     /// Decodes frames to samples in one go. `stages`, when given, receives each block's
     /// output (channels last) for debugging.
-    pub fn decode_frames(
+    pub fn decode_frames<F: AsRef<[u32]> + Sync>(
         &self,
-        frames: &[Vec<u32>],
+        frames: &[F],
         stages: Option<&mut Vec<Tensor>>,
     ) -> crate::Result<Vec<f32>> {
         self.decode_chunk(&mut self.start(), frames, stages)
@@ -566,19 +578,44 @@ impl CodecDecoder {
     /// Decodes the next frames of a stream: the samples equal the matching part of a full
     /// decode (to float rounding), however the frames are split into chunks. Frames from an
     /// `[END_AUDIO]` frame on are ignored.
-    pub fn decode_chunk(
+    pub fn decode_chunk<F: AsRef<[u32]> + Sync>(
         &self,
         state: &mut CodecState,
-        frames: &[Vec<u32>],
-        mut stages: Option<&mut Vec<Tensor>>,
+        frames: &[F],
+        stages: Option<&mut Vec<Tensor>>,
     ) -> crate::Result<Vec<f32>> {
+        let mut out = Vec::new();
+        self.decode_chunk_into(state, frames, stages, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`Self::decode_chunk`], the samples appended to `out`. On host rows it allocates
+    /// nothing once its buffers and `out` have grown; it runs on rayon's pool (see
+    /// [`super::host::on_pool`]).
+    pub fn decode_chunk_into<F: AsRef<[u32]> + Sync>(
+        &self,
+        state: &mut CodecState,
+        frames: &[F],
+        stages: Option<&mut Vec<Tensor>>,
+        out: &mut Vec<f32>,
+    ) -> crate::Result<()> {
+        super::host::on_pool(|| self.decode_chunk_with(state, frames, stages, out))
+    }
+
+    fn decode_chunk_with<F: AsRef<[u32]>>(
+        &self,
+        state: &mut CodecState,
+        frames: &[F],
+        mut stages: Option<&mut Vec<Tensor>>,
+        out: &mut Vec<f32>,
+    ) -> crate::Result<()> {
         let n = self.valid_frames(frames)?;
         if n == 0 {
-            return Ok(Vec::new());
+            return Ok(());
         }
         let (blocks, output) = match (&mut state.0, &self.host) {
             (Carry::Host(carry), Some(scratch)) => {
-                return Ok(self.decode_host(scratch, carry, &frames[..n], stages)?)
+                return Ok(self.decode_host(scratch, carry, &frames[..n], stages, out)?)
             }
             (Carry::Host(_), None) => {
                 return Err(candle_core::Error::Msg(
@@ -588,9 +625,9 @@ impl CodecDecoder {
             }
             (Carry::Tensors { blocks, output }, _) => (blocks, output),
         };
-        let mut padded = frames[..n].to_vec();
+        let mut padded: Vec<&[u32]> = frames[..n].iter().map(AsRef::as_ref).collect();
         if n < self.min_frames() && stages.is_none() {
-            padded.resize(self.min_frames(), frames[n - 1].clone());
+            padded.resize(self.min_frames(), frames[n - 1].as_ref());
         }
         let mut x = self.latent(&padded)?; // [1, L, C]
         let mut real = n; // steps of x that belong to the stream
@@ -616,7 +653,8 @@ impl CodecDecoder {
         if let Some(s) = stages {
             s.push(y.clone());
         }
-        Ok(y.flatten_all()?.to_vec1()?)
+        out.extend(y.flatten_all()?.to_vec1::<f32>()?);
+        Ok(())
     }
 
     /// `x` `[1, L, dim]` through one stage's layers; `caches` holds each layer's keys and

@@ -83,15 +83,16 @@ impl CodecDecoder {
         }
     }
 
-    /// Decodes validated `frames` (none of them `[END_AUDIO]`) after `carry`'s steps; `stages`
-    /// as in `decode_chunk`.
-    pub(crate) fn decode_host(
+    /// Decodes validated `frames` (none of them `[END_AUDIO]`) after `carry`'s steps, the
+    /// samples appended to `out`; `stages` as in `decode_chunk`.
+    pub(crate) fn decode_host<F: AsRef<[u32]>>(
         &self,
         scratch: &Mutex<HostScratch>,
         carry: &mut HostCarry,
-        frames: &[Vec<u32>],
+        frames: &[F],
         mut stages: Option<&mut Vec<Tensor>>,
-    ) -> Result<Vec<f32>> {
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
         let mut kept = scratch.try_lock();
         let mut fresh = HostScratch::default();
         let s = kept.as_deref_mut().unwrap_or(&mut fresh);
@@ -122,17 +123,19 @@ impl CodecDecoder {
         }
         let width = conv_rows(&self.output_proj, width, &mut carry.output, s)?;
         record(&s.x, width)?;
-        Ok(s.x.clone())
+        out.extend_from_slice(&s.x);
+        Ok(())
     }
 
     /// The dequantized latent of `frames` as rows in `x`; returns their width.
-    fn latent_rows(&self, frames: &[Vec<u32>], x: &mut Vec<f32>) -> Result<usize> {
+    fn latent_rows<F: AsRef<[u32]>>(&self, frames: &[F], x: &mut Vec<f32>) -> Result<usize> {
         let off = SPECIAL_CODES as u32;
         with_host_f32(&self.semantic_codebook, |book| {
             let sd = book.len() / self.semantic_size.max(1);
             let width = sd + self.n_acoustic;
             x.clear();
             for f in frames {
+                let f = f.as_ref();
                 let r = f[0].wrapping_sub(off) as usize;
                 let Some(row) = book.get(r * sd..(r + 1) * sd) else {
                     candle_core::bail!("semantic code {} past the codebook", f[0]);

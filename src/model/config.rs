@@ -300,6 +300,13 @@ impl ModelConfig {
                 "num_codebooks must be 1 + n_acoustic_codebook".into(),
             ));
         }
+        if 1 + a.n_acoustic_codebook > super::frame::MAX_FRAME_CODES {
+            return Err(unsupported(format!(
+                "{} acoustic codebooks (at most {} codes a frame)",
+                a.n_acoustic_codebook,
+                super::frame::MAX_FRAME_CODES
+            )));
+        }
         if f.input_dim != self.dim || f.dim != self.dim {
             return Err(unsupported(format!(
                 "acoustic transformer dim {} / input_dim {} must equal the backbone dim {} (the semantic head reads the backbone state)",

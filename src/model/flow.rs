@@ -33,6 +33,8 @@ pub struct AcousticHead {
     semantic_vocab: usize,
     levels: usize,
     n_acoustic: usize,
+    /// The width of the backbone states it reads.
+    input_dim: usize,
     noise_scale: f32,
     dtype: DType,
     /// On the CPU in f32: the layers on host buffers instead of candle's ops.
@@ -56,8 +58,6 @@ struct FlowScratch {
     layer: LayerScratch,
     /// Projected backbone states `[B, dim]`.
     states: Vec<f32>,
-    /// ODE states `[B, A]`.
-    x: Vec<f32>,
     /// Token rows `[2B, 3, dim]`.
     z: Vec<f32>,
     /// Normed token-0 rows `[2B, dim]`.
@@ -156,6 +156,7 @@ impl AcousticHead {
             semantic_vocab: a.semantic_codebook_size + SPECIAL_CODES,
             levels: a.acoustic_codebook_size,
             n_acoustic: a.n_acoustic_codebook,
+            input_dim: f.input_dim,
             noise_scale: f.sigma_max as f32,
             dtype: vb.dtype(),
             host,
@@ -204,31 +205,69 @@ impl AcousticHead {
         Ok(logits.iter().map(|l| self.semantic_code(l)).collect())
     }
 
-    /// On host buffers with few rows, `f` on the logits of `h` `[B, dim]` (`[B, out]`, by the
-    /// few-row kernel without candle's packing, into a buffer kept from frame to frame) and
-    /// their width `out`; `None` elsewhere.
+    /// [`Self::semantic_codes`] of host rows `states` `[B, dim]`, appended to `codes`: on
+    /// host buffers nothing is allocated once the buffers have grown.
+    pub fn semantic_codes_of_rows(&self, states: &[f32], codes: &mut Vec<u32>) -> Result<()> {
+        let d = self.input_dim;
+        let b = states.len() / d.max(1);
+        if states.len() != b * d {
+            candle_core::bail!("semantic head: {} values for rows of {d}", states.len());
+        }
+        let append = |logits: &[f32], out| {
+            codes.extend(logits.chunks_exact(out).map(|l| self.semantic_code(l)));
+        };
+        if self.host_logits(states, b, append)?.is_some() {
+            return Ok(());
+        }
+        let h = Tensor::from_slice(states, (b, d), self.device())?;
+        codes.extend(self.semantic_codes(&h)?);
+        Ok(())
+    }
+
+    /// On host buffers with few rows, `f` on the logits of `h` `[B, dim]` (see
+    /// [`Self::host_logits`]); `None` elsewhere.
     fn with_host_logits<T>(
         &self,
         h: &Tensor,
         f: impl FnOnce(&[f32], usize) -> T,
     ) -> Result<Option<T>> {
-        let w = &self.semantic_codebook_output;
         let b = h.dim(0)?;
-        let Some(host) = self.host.as_ref() else {
-            return Ok(None);
-        };
-        if b > 16 || !few_rows::available() {
+        if !self.takes_host_logits(b) {
             return Ok(None);
         }
+        with_host_f32(h, |h| self.host_logits(h, b, f))
+    }
+
+    /// Whether [`Self::host_logits`] runs for `b` rows.
+    fn takes_host_logits(&self, b: usize) -> bool {
+        self.host.is_some() && b <= 16 && few_rows::available()
+    }
+
+    /// On host buffers with few rows, `f` on the logits of the rows `h` `[B, dim]` (`[B, out]`,
+    /// by the few-row kernel without candle's packing, into a buffer kept from frame to frame)
+    /// and their width `out`; `None` elsewhere.
+    fn host_logits<T>(
+        &self,
+        h: &[f32],
+        b: usize,
+        f: impl FnOnce(&[f32], usize) -> T,
+    ) -> Result<Option<T>> {
+        let w = &self.semantic_codebook_output;
+        let Some(host) = self.host.as_ref().filter(|_| self.takes_host_logits(b)) else {
+            return Ok(None);
+        };
         let mut kept = host.scratch.try_lock();
         let mut fresh = FlowScratch::default();
         let logits = &mut kept.as_deref_mut().unwrap_or(&mut fresh).logits;
         let out = w.dim(0)?;
         let logits = room(logits, b * out);
-        with_host_f32(w, |w| {
-            with_host_f32(h, |h| few_rows::matmul_into(w, out, h, b, logits))
-        })?;
+        with_host_f32(w, |w| few_rows::matmul_into(w, out, h, b, logits))?;
         Ok(Some(f(logits, out)))
+    }
+
+    /// The width of the states the head reads (the backbone's).
+    pub fn input_dim(&self) -> usize {
+        self.input_dim
     }
 
     /// Greedy semantic code (with the +2 offset): `[EMPTY_AUDIO]` and padding rows are masked,
@@ -290,44 +329,88 @@ impl AcousticHead {
         trace: Option<&mut FlowTrace>,
     ) -> Result<Vec<Vec<f32>>> {
         let b = h.dim(0)?;
-        if noise.len() != b || noise.iter().any(|n| n.len() != self.n_acoustic) {
-            return Err(candle_core::Error::Msg(format!(
-                "flow batch: {b} states but {} noise vectors of {} values",
-                noise.len(),
+        self.check_noise(b, noise.iter().map(Vec::len))?;
+        let Some(host) = &self.host else {
+            return self.integrate_batch_ops(h, noise, cfg_alpha, trace);
+        };
+        let mut x = Vec::with_capacity(b * self.n_acoustic);
+        with_host_f32(h, |h| {
+            self.integrate_host(host, h, &noise.concat(), cfg_alpha, trace, &mut x)
+        })?;
+        Ok(x.chunks_exact(self.n_acoustic)
+            .map(<[f32]>::to_vec)
+            .collect())
+    }
+
+    /// [`Self::integrate_batch`] of host rows `states` `[B, dim]` and `noise` `[B, A]` (one
+    /// row of each per frame), the values `[B, A]` into `x`: on host buffers nothing is
+    /// allocated once the buffers have grown.
+    pub fn integrate_rows(
+        &self,
+        states: &[f32],
+        noise: &[f32],
+        cfg_alpha: f32,
+        trace: Option<&mut FlowTrace>,
+        x: &mut Vec<f32>,
+    ) -> Result<()> {
+        let (d, a) = (self.input_dim, self.n_acoustic);
+        let b = states.len() / d.max(1);
+        if states.len() != b * d {
+            candle_core::bail!("flow batch: {} values for rows of {d}", states.len());
+        }
+        self.check_noise(b, noise.chunks(a.max(1)).map(<[f32]>::len))?;
+        if let Some(host) = &self.host {
+            return self.integrate_host(host, states, noise, cfg_alpha, trace, x);
+        }
+        let h = Tensor::from_slice(states, (b, d), self.device())?;
+        let rows: Vec<Vec<f32>> = noise.chunks(a.max(1)).map(<[f32]>::to_vec).collect();
+        x.clear();
+        for row in self.integrate_batch_ops(&h, &rows, cfg_alpha, trace)? {
+            x.extend(row);
+        }
+        Ok(())
+    }
+
+    /// One noise vector of `n_acoustic` values for each of `b` states.
+    fn check_noise(&self, b: usize, lens: impl ExactSizeIterator<Item = usize>) -> Result<()> {
+        let n = lens.len();
+        let mut lens = lens;
+        if n != b || lens.any(|l| l != self.n_acoustic) {
+            candle_core::bail!(
+                "flow batch: {b} states but {n} noise vectors of {} values",
                 self.n_acoustic
-            )));
+            );
         }
-        match &self.host {
-            Some(host) => self.integrate_host(host, h, noise, cfg_alpha, trace),
-            None => self.integrate_batch_ops(h, noise, cfg_alpha, trace),
-        }
+        Ok(())
     }
 
     /// [`Self::integrate_batch`] on host buffers: the same steps, each layer by
-    /// [`TransformerLayer::forward_host`].
+    /// [`TransformerLayer::forward_host`], over host rows `h` `[B, dim]` and `noise` `[B, A]`;
+    /// the final values `[B, A]` go into `out`.
     fn integrate_host(
         &self,
         host: &HostFlow,
-        h: &Tensor,
-        noise: &[Vec<f32>],
+        h: &[f32],
+        noise: &[f32],
         cfg_alpha: f32,
         mut trace: Option<&mut FlowTrace>,
-    ) -> Result<Vec<Vec<f32>>> {
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
         let mut kept = host.scratch.try_lock();
         let mut fresh = FlowScratch::default();
         let s = kept.as_deref_mut().unwrap_or(&mut fresh);
-        let (b, a) = (noise.len(), self.n_acoustic);
+        let a = self.n_acoustic;
+        let b = noise.len() / a;
         let d = self.llm_projection.out_features()?;
         let n = 2 * b;
         let Some((last, layers)) = self.layers.split_last() else {
             candle_core::bail!("the flow head has no layers");
         };
         let states = room(&mut s.states, b * d);
-        with_host_f32(h, |h| self.llm_projection.forward_host(h, b, states))?;
-        let x = room(&mut s.x, b * a);
-        for (x, noise) in x.chunks_exact_mut(a).zip(noise) {
-            x.copy_from_slice(noise);
-        }
+        self.llm_projection.forward_host(h, b, states)?;
+        out.clear();
+        out.extend_from_slice(noise);
+        let x = &mut out[..];
         // The coefficients in f32, as the reference computes them.
         let dt = 1.0 / self.steps as f32;
         let (alpha, beta) = (cfg_alpha, 1.0 - cfg_alpha);
@@ -376,11 +459,10 @@ impl AcousticHead {
                 *x += (c * alpha + u * beta) * dt;
             }
         }
-        let x: Vec<Vec<f32>> = x.chunks_exact(a).map(<[f32]>::to_vec).collect();
         if let Some(t) = trace {
-            t.x_final = x.first().cloned().unwrap_or_default();
+            t.x_final = x[..a.min(x.len())].to_vec();
         }
-        Ok(x)
+        Ok(())
     }
 
     /// [`Self::integrate_batch`] by candle's ops (any device and dtype); on the CPU in f32,
@@ -431,7 +513,7 @@ impl AcousticHead {
     }
 
     /// [`Self::quantize`] appended to `codes`.
-    pub fn quantize_onto(&self, x: &[f32], codes: &mut Vec<u32>) {
+    pub fn quantize_onto(&self, x: &[f32], codes: &mut impl Extend<u32>) {
         codes.extend(x.iter().map(|&v| fsq_code(v, self.levels)));
     }
 }

@@ -9,6 +9,14 @@ use candle_core::Result;
 
 use super::nn::{with_host_f32, FeedForward, RmsNorm, TransformerLayer};
 
+/// Runs `f` on rayon's pool (in place when already on it). Every kernel of the per-frame loop
+/// splits its rows with rayon; pushed from outside the pool, each split goes through the
+/// pool's shared queue, which allocates a block every 63 jobs, while from inside it goes on
+/// the worker's own queue, which allocates nothing. The calling thread waits either way.
+pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
+}
+
 /// Buffers for one layer on host rows (the flow head's or a backbone step's), grown on first
 /// use and then reused.
 #[derive(Default)]

@@ -8,6 +8,8 @@ pub mod config;
 pub mod device;
 pub mod few_rows;
 pub mod flow;
+pub mod frame;
+mod generation;
 pub mod host;
 pub mod int4;
 pub mod int8;
@@ -35,9 +37,14 @@ use backbone::{Backbone, BackboneCache};
 use checkpoint::{Weights, PARAMS_FILE, TOKENIZER_FILE, VOICE_DIR, WEIGHTS_FILE};
 use codec::CodecDecoder;
 use config::{ModelConfig, END_AUDIO};
-use flow::{AcousticHead, FlowTrace};
+use flow::AcousticHead;
 use noise::NoiseSource;
 use prompt::PromptTokens;
+
+pub use frame::FrameCodes;
+pub use generation::{
+    Frame, GenerateOptions, Generation, Prefill, StepMark, StepTimings, StopReason, Streams,
+};
 
 /// Official serving limits: 4096 positions (prompt plus frames), 2048 frames.
 pub const DEFAULT_MAX_POSITIONS: usize = 4096;
@@ -107,6 +114,8 @@ pub struct Voxtral {
     memory: memory::MemoryPlan,
     max_memory: Option<u64>,
     pub load_timings: LoadTimings,
+    /// The frame step's bookkeeping, reused from frame to frame.
+    frame_scratch: Mutex<generation::FrameScratch>,
 }
 
 /// A tokenized prompt and its input embeddings `[P, dim]`.
@@ -213,6 +222,7 @@ impl Voxtral {
             load_timings: LoadTimings {
                 total_s: start.elapsed().as_secs_f64(),
             },
+            frame_scratch: Default::default(),
         })
     }
 
@@ -463,30 +473,6 @@ impl Voxtral {
             .collect()
     }
 
-    /// The frame stepper that goes on from a prefill.
-    pub fn generation<'m>(
-        &'m self,
-        prefill: Prefill,
-        noise: Box<dyn NoiseSource + 'm>,
-        opts: &GenerateOptions,
-    ) -> Generation<'m> {
-        Generation {
-            timings: StepTimings {
-                prefill: prefill.took,
-                ..Default::default()
-            },
-            model: self,
-            cache: prefill.cache,
-            h: Some(prefill.h),
-            pending: None,
-            frames: 0,
-            max_frames: opts.max_frames,
-            cfg_alpha: opts.cfg_alpha,
-            noise,
-            finished: None,
-        }
-    }
-
     /// Speaks one short sentence and throws it away. On a GPU the first utterance after a
     /// load pays for loading kernel modules and setting up cuBLAS (0.18 s of a 0.23 s first
     /// audio on an H200, against 0.055 s warm), which a server should pay before its first
@@ -510,7 +496,7 @@ impl Voxtral {
         loop {
             match gen.next_frame() {
                 Ok(Some(f)) => {
-                    dec.push(&self.codec, f.codes)?;
+                    dec.push(&self.codec, &f.codes)?;
                 }
                 // A checkpoint whose first frame ends the audio has warmed all but the flow
                 // head and the codec; that is all it can do.
@@ -523,284 +509,7 @@ impl Voxtral {
     }
 
     /// Decodes model-side frames (with the +2 offset) in one pass.
-    pub fn decode(&self, frames: &[Vec<u32>]) -> Result<Vec<f32>> {
+    pub fn decode<F: AsRef<[u32]> + Sync>(&self, frames: &[F]) -> Result<Vec<f32>> {
         self.codec.decode_frames(frames, None)
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct GenerateOptions {
-    pub max_frames: usize,
-    pub cfg_alpha: f32,
-}
-
-impl Default for GenerateOptions {
-    fn default() -> Self {
-        Self {
-            max_frames: DEFAULT_MAX_FRAMES,
-            cfg_alpha: DEFAULT_CFG_ALPHA,
-        }
-    }
-}
-
-/// Why generation ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StopReason {
-    EndOfAudio,
-    MaxFrames,
-    ContextLimit,
-}
-
-/// One generated frame: 37 codes with the +2 offset, and the backbone state that produced it.
-#[derive(Debug, Clone)]
-pub struct Frame {
-    pub codes: Vec<u32>,
-    pub hidden: Tensor,
-}
-
-/// Time spent in each network so far, for benchmarks and logs.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct StepTimings {
-    pub prefill: std::time::Duration,
-    /// Backbone steps (one per frame after the first).
-    pub backbone: std::time::Duration,
-    pub backbone_steps: usize,
-    /// Semantic head and flow-matching ODE.
-    pub flow: std::time::Duration,
-}
-
-/// Frame-by-frame generation for one utterance; owns its KV cache, which is freed on drop.
-pub struct Generation<'m> {
-    pub timings: StepTimings,
-    model: &'m Voxtral,
-    cache: BackboneCache,
-    h: Option<Tensor>,
-    pending: Option<Vec<u32>>,
-    frames: usize,
-    max_frames: usize,
-    cfg_alpha: f32,
-    noise: Box<dyn NoiseSource + 'm>,
-    finished: Option<StopReason>,
-}
-
-/// A prompt run through the backbone: its cache and last hidden state.
-pub struct Prefill {
-    cache: BackboneCache,
-    h: Tensor,
-    /// The whole pass it was part of.
-    took: std::time::Duration,
-}
-
-/// A generation as it was before a step: a shared step that fails goes back to it, so that
-/// each job can be retried alone. Cheap: the KV cache's tensors are shared, not copied (a
-/// step only writes past the marked length).
-pub struct StepMark {
-    cache: BackboneCache,
-    h: Option<Tensor>,
-    pending: Option<Vec<u32>>,
-    frames: usize,
-    finished: Option<StopReason>,
-    timings: StepTimings,
-}
-
-impl Generation<'_> {
-    pub fn mark(&self) -> StepMark {
-        StepMark {
-            cache: self.cache.clone(),
-            h: self.h.clone(),
-            pending: self.pending.clone(),
-            frames: self.frames,
-            finished: self.finished,
-            timings: self.timings,
-        }
-    }
-
-    /// Back to `mark`. The noise source is not rewound: seeded noise depends only on the
-    /// frame index, so the retried frame draws the same values.
-    pub fn restore(&mut self, mark: StepMark) {
-        self.cache = mark.cache;
-        self.h = mark.h;
-        self.pending = mark.pending;
-        self.frames = mark.frames;
-        self.finished = mark.finished;
-        self.timings = mark.timings;
-    }
-
-    pub fn frames(&self) -> usize {
-        self.frames
-    }
-
-    pub fn stop_reason(&self) -> Option<StopReason> {
-        self.finished
-    }
-
-    /// Positions used by prompt and frames so far.
-    pub fn positions(&self) -> usize {
-        self.cache.len()
-    }
-
-    /// Feeds `codes` to the backbone's next step in place of the frame just generated
-    /// (teacher forcing), so that two devices can be compared frame by frame on one path.
-    pub fn force_next_input(&mut self, codes: Vec<u32>) {
-        if self.pending.is_some() {
-            self.pending = Some(codes);
-        }
-    }
-
-    /// The next frame, or `None` once generation has ended. Ending before the first frame is
-    /// [`Error::NoAudio`].
-    pub fn next_frame(&mut self) -> Result<Option<Frame>> {
-        self.next_frame_traced(None)
-    }
-
-    /// [`Self::next_frame`], recording the flow head's ODE in `trace`.
-    pub fn next_frame_traced(&mut self, trace: Option<&mut FlowTrace>) -> Result<Option<Frame>> {
-        let model = self.model;
-        model
-            .step_frames(&mut [self], trace)?
-            .pop()
-            .unwrap_or(Ok(None))
-    }
-}
-
-impl Voxtral {
-    /// Advances several generations by one frame each, sharing the work: one backbone step
-    /// for all of them and one flow-head pass per Euler step over all their rows, so that the
-    /// weights are read once per frame for the whole batch. Each result is what
-    /// [`Generation::next_frame`] would give for that generation; the frames are the same up
-    /// to float rounding (batched matmuls may sum in another order). An error of the shared
-    /// compute fails the call.
-    pub fn next_frames(
-        &self,
-        gens: &mut [&mut Generation<'_>],
-    ) -> Result<Vec<Result<Option<Frame>>>> {
-        self.step_frames(gens, None)
-    }
-
-    /// The one frame step, for one generation or many; `trace` records the first one's ODE.
-    fn step_frames(
-        &self,
-        gens: &mut [&mut Generation<'_>],
-        trace: Option<&mut FlowTrace>,
-    ) -> Result<Vec<Result<Option<Frame>>>> {
-        let mut out: Vec<Result<Option<Frame>>> = (0..gens.len()).map(|_| Ok(None)).collect();
-        let mut active = Vec::new();
-        for (i, g) in gens.iter_mut().enumerate() {
-            if g.finished.is_some() {
-                continue;
-            }
-            if g.frames >= g.max_frames {
-                g.finished = Some(StopReason::MaxFrames);
-                continue;
-            }
-            if g.pending.is_some() && g.cache.len() + 1 > self.backbone.max_positions() {
-                g.finished = Some(StopReason::ContextLimit);
-                continue;
-            }
-            active.push(i);
-        }
-        // The backbone step for those that have a frame to feed back.
-        let stepping: Vec<usize> = active
-            .iter()
-            .copied()
-            .filter(|&i| gens[i].pending.is_some())
-            .collect();
-        let mut stepped = None;
-        if !stepping.is_empty() {
-            let t = Instant::now();
-            let frames: Vec<Vec<u32>> = stepping
-                .iter()
-                .map(|&i| gens[i].pending.take().unwrap_or_default())
-                .collect();
-            // `stepping` is ascending, so membership is a binary search.
-            let mut caches: Vec<&mut BackboneCache> = gens
-                .iter_mut()
-                .enumerate()
-                .filter(|(i, _)| stepping.binary_search(i).is_ok())
-                .map(|(_, g)| &mut g.cache)
-                .collect();
-            let h = self.backbone.step_frames(&mut caches, &frames)?;
-            // As in `prefill`: on a GPU the step's time is its kernels', not their launches'.
-            self.device.synchronize()?;
-            let took = t.elapsed();
-            for (row, &i) in stepping.iter().enumerate() {
-                gens[i].h = Some(h.get(row)?);
-                gens[i].timings.backbone += took;
-                gens[i].timings.backbone_steps += 1;
-            }
-            stepped = Some(h);
-        }
-        // Semantic codes, then the flow head for those that go on.
-        let t = Instant::now();
-        let with_state: Vec<usize> = active
-            .into_iter()
-            .filter(|&i| gens[i].h.is_some())
-            .collect();
-        if with_state.is_empty() {
-            return Ok(out);
-        }
-        let hs = with_state
-            .iter()
-            .map(|&i| gens[i].h.take().expect("filtered on h"))
-            .collect::<Vec<_>>();
-        // Usually the states are the rows of this frame's step, in order: no stack needed.
-        let stacked = match &stepped {
-            Some(h) if with_state == stepping => h.clone(),
-            _ => Tensor::stack(&hs, 0)?,
-        };
-        let semantics = self.head.semantic_codes(&stacked)?;
-        let mut going = Vec::new();
-        for ((&i, h), semantic) in with_state.iter().zip(hs).zip(semantics) {
-            if semantic == END_AUDIO {
-                gens[i].finished = Some(StopReason::EndOfAudio);
-                if gens[i].frames == 0 {
-                    out[i] = Err(Error::NoAudio);
-                }
-                continue;
-            }
-            going.push((i, h, semantic));
-        }
-        if going.is_empty() {
-            return Ok(out);
-        }
-        let scale = self.head.noise_scale();
-        let mut noise = Vec::with_capacity(going.len());
-        for (i, _, _) in &going {
-            let g = &mut gens[*i];
-            let n = g.noise.frame(g.frames, self.head.n_acoustic())?;
-            noise.push(n.into_iter().map(|v| v * scale).collect::<Vec<f32>>());
-        }
-        let cfg = gens[going[0].0].cfg_alpha;
-        // Usually every state goes on; otherwise stack the ones that do.
-        let hs = if going.len() == with_state.len() {
-            stacked
-        } else {
-            Tensor::stack(
-                &going.iter().map(|(_, h, _)| h.clone()).collect::<Vec<_>>(),
-                0,
-            )?
-        };
-        let xs = if going.iter().all(|(i, _, _)| gens[*i].cfg_alpha == cfg) {
-            self.head.integrate_batch(&hs, &noise, cfg, trace)?
-        } else {
-            // Different guidance strengths cannot share a pass.
-            going
-                .iter()
-                .zip(&noise)
-                .map(|((i, h, _), n)| self.head.integrate(h, n, gens[*i].cfg_alpha, None))
-                .collect::<candle_core::Result<Vec<_>>>()?
-        };
-        let took = t.elapsed();
-        for ((i, h, semantic), x) in going.into_iter().zip(xs) {
-            let g = &mut gens[i];
-            let mut codes = Vec::with_capacity(1 + x.len());
-            codes.push(semantic);
-            self.head.quantize_onto(&x, &mut codes);
-            g.timings.flow += took;
-            g.frames += 1;
-            g.pending = Some(codes.clone());
-            out[i] = Ok(Some(Frame { codes, hidden: h }));
-        }
-        Ok(out)
     }
 }

@@ -5,8 +5,16 @@ use rand::{rngs::StdRng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
 
 pub trait NoiseSource: Send {
-    /// Standard-normal values for frame `frame` (before scaling by `sigma_max`).
-    fn frame(&mut self, frame: usize, n: usize) -> crate::Result<Vec<f32>>;
+    /// Standard-normal values for frame `frame` (before scaling by `sigma_max`) into `out`,
+    /// one per acoustic codebook: filled in place, as the per-frame loop allocates nothing.
+    fn fill(&mut self, frame: usize, out: &mut [f32]) -> crate::Result<()>;
+
+    /// [`Self::fill`] into a new vector of `n` values.
+    fn frame(&mut self, frame: usize, n: usize) -> crate::Result<Vec<f32>> {
+        let mut out = vec![0.0; n];
+        self.fill(frame, &mut out)?;
+        Ok(out)
+    }
 }
 
 /// Seeded standard-normal noise. Each frame's values depend only on the seed and the frame
@@ -20,14 +28,17 @@ impl SeededNoise {
 }
 
 impl NoiseSource for SeededNoise {
-    fn frame(&mut self, frame: usize, n: usize) -> crate::Result<Vec<f32>> {
+    fn fill(&mut self, frame: usize, out: &mut [f32]) -> crate::Result<()> {
         // Frame i's stream: the seed mixed with the index (splitmix64's increment), expanded
         // by `seed_from_u64`'s own mixer.
         let key = self
             .0
             .wrapping_add((frame as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let mut rng = StdRng::seed_from_u64(key);
-        Ok((0..n).map(|_| StandardNormal.sample(&mut rng)).collect())
+        for v in out {
+            *v = StandardNormal.sample(&mut rng);
+        }
+        Ok(())
     }
 }
 
@@ -43,7 +54,8 @@ impl InjectedNoise {
 }
 
 impl NoiseSource for InjectedNoise {
-    fn frame(&mut self, frame: usize, n: usize) -> crate::Result<Vec<f32>> {
+    fn fill(&mut self, frame: usize, out: &mut [f32]) -> crate::Result<()> {
+        let n = out.len();
         let row = self.rows.get(frame).ok_or_else(|| {
             crate::Error::InvalidInput(format!(
                 "injected noise has {} rows; frame {frame} needs another",
@@ -56,7 +68,8 @@ impl NoiseSource for InjectedNoise {
                 row.len()
             )));
         }
-        Ok(row.clone())
+        out.copy_from_slice(row);
+        Ok(())
     }
 }
 

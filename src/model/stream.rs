@@ -3,6 +3,7 @@
 //! frames and the concatenated chunks equal a full decode.
 
 use super::codec::{CodecDecoder, CodecState};
+use super::frame::FrameCodes;
 use crate::error::Result;
 
 /// How many frames each chunk holds: a short first chunk for fast first audio, then longer
@@ -44,23 +45,36 @@ impl ChunkSchedule {
 pub struct StreamingDecoder {
     schedule: ChunkSchedule,
     state: Option<CodecState>,
-    pending: Vec<Vec<u32>>,
+    pending: Vec<FrameCodes>,
     decoded: usize,
+    /// The latest chunk's samples, in a buffer kept from chunk to chunk.
+    samples: Vec<f32>,
 }
 
 impl StreamingDecoder {
     pub fn new(schedule: ChunkSchedule) -> Self {
+        let longest = schedule
+            .first
+            .max(schedule.ramp)
+            .max(schedule.steady)
+            .max(1);
         Self {
             schedule,
             state: None,
-            pending: Vec::new(),
+            pending: Vec::with_capacity(longest),
             decoded: 0,
+            samples: Vec::new(),
         }
     }
 
-    /// Adds a frame; returns a chunk of samples when the schedule says one is due.
-    pub fn push(&mut self, codec: &CodecDecoder, frame: Vec<u32>) -> Result<Option<Vec<f32>>> {
-        self.pending.push(frame);
+    /// Adds a frame (its codes with the +2 offset); returns a chunk of samples when the
+    /// schedule says one is due. The samples stay in a buffer the decoder reuses for the next
+    /// chunk, so that the loop allocates nothing once it has grown.
+    pub fn push(&mut self, codec: &CodecDecoder, frame: &[u32]) -> Result<Option<&[f32]>> {
+        let codes = FrameCodes::from_slice(frame).ok_or_else(|| {
+            crate::Error::InvalidCodes(format!("a frame of {} codes", frame.len()))
+        })?;
+        self.pending.push(codes);
         if self.pending.len() >= self.schedule.chunk_len(self.decoded) {
             return self.flush(codec).map(Some);
         }
@@ -68,14 +82,15 @@ impl StreamingDecoder {
     }
 
     /// Decodes whatever is pending (possibly nothing).
-    pub fn flush(&mut self, codec: &CodecDecoder) -> Result<Vec<f32>> {
+    pub fn flush(&mut self, codec: &CodecDecoder) -> Result<&[f32]> {
+        self.samples.clear();
         if self.pending.is_empty() {
-            return Ok(Vec::new());
+            return Ok(&self.samples);
         }
         let state = self.state.get_or_insert_with(|| codec.start());
-        let out = codec.decode_chunk(state, &self.pending, None)?;
+        codec.decode_chunk_into(state, &self.pending, None, &mut self.samples)?;
         self.decoded += self.pending.len();
         self.pending.clear();
-        Ok(out)
+        Ok(&self.samples)
     }
 }
