@@ -248,10 +248,12 @@ fn prefill<'m>(
 }
 
 /// What a decoding step keeps from step to step, so that a step allocates nothing: which
-/// jobs are ready, and their results.
+/// jobs are ready, their marks (when several step together) and their results.
 #[derive(Default)]
 struct StepBuffers {
     ready: Vec<usize>,
+    /// The k-th ready job's mark; released after each step, so that none holds a cache.
+    marks: Vec<StepMark>,
     results: Vec<crate::Result<Option<Frame>>>,
 }
 
@@ -274,7 +276,11 @@ impl<'m> Streams<'m> for ReadyJobs<'_, 'm> {
 
 /// Advances every ready job by one frame, all in one decoding step. Returns whether any did.
 fn step<'m>(shared: &'m Shared, active: &mut [Active<'m>], buffers: &mut StepBuffers) -> bool {
-    let StepBuffers { ready, results } = buffers;
+    let StepBuffers {
+        ready,
+        marks,
+        results,
+    } = buffers;
     ready.clear();
     ready.extend((0..active.len()).filter(|&i| active[i].ready()));
     if ready.is_empty() {
@@ -288,25 +294,31 @@ fn step<'m>(shared: &'m Shared, active: &mut [Active<'m>], buffers: &mut StepBuf
         }
         return true;
     }
-    let marks: Vec<Option<StepMark>> = ready
-        .iter()
-        .map(|&i| active[i].generation().map(|g| g.mark()))
-        .collect();
-    let failure = match shared_step(&shared.model, active, ready, results) {
-        Ok(()) => return true,
-        Err(e) => e,
-    };
-    // The shared step failed and may have half changed every state in it: each goes back to
-    // where it was and steps alone, so only the job that fails alone fails.
-    tracing::warn!(jobs = ready.len(), error = %failure, "shared step failed; retrying each job alone");
-    for (&i, mark) in ready.iter().zip(marks) {
-        if let (Some(g), Some(mark)) = (active[i].generation(), mark) {
-            g.restore(mark);
-        }
-        if let Err(e) = shared_step(&shared.model, active, &[i], results) {
-            active[i].fail(e);
+    // Each ready job has an utterance (`Active::ready`), so `marks[k]` is the k-th one's.
+    for (k, &i) in ready.iter().enumerate() {
+        let Some(g) = active[i].generation() else {
+            continue;
+        };
+        match marks.get_mut(k) {
+            Some(mark) => g.mark_into(mark),
+            None => marks.push(g.mark()),
         }
     }
+    let stepped = shared_step(&shared.model, active, ready, results);
+    if let Err(failure) = stepped {
+        // The shared step failed and may have half changed every state in it: each goes
+        // back to where it was and steps alone, so only the job that fails alone fails.
+        tracing::warn!(jobs = ready.len(), error = %failure, "shared step failed; retrying each job alone");
+        for (&i, mark) in ready.iter().zip(marks.iter()) {
+            if let Some(g) = active[i].generation() {
+                g.restore(mark);
+            }
+            if let Err(e) = shared_step(&shared.model, active, &[i], results) {
+                active[i].fail(e);
+            }
+        }
+    }
+    marks.iter_mut().for_each(StepMark::release);
     true
 }
 

@@ -10,13 +10,35 @@ use super::kv_cache::LayerCache;
 use super::nn::{attention, causal_mask, with_host_f32, Quant, RmsNorm, TransformerLayer};
 
 /// Per-utterance state: one KV cache per layer. Dropping it frees the memory.
-#[derive(Clone)]
 pub struct BackboneCache {
     layers: Vec<LayerCache>,
     len: usize,
 }
 
+impl Clone for BackboneCache {
+    fn clone(&self) -> Self {
+        Self {
+            layers: self.layers.clone(),
+            len: self.len,
+        }
+    }
+
+    /// Into the list of layers `self` already has (a mark retaken each step allocates
+    /// nothing; see [`super::kv_cache`] for what a clone shares).
+    fn clone_from(&mut self, source: &Self) {
+        self.layers.clone_from(&source.layers);
+        self.len = source.len;
+    }
+}
+
 impl BackboneCache {
+    /// Lets go of the keys and values (their memory is freed once nothing else holds them),
+    /// keeping the room of its list of layers for the next [`Clone::clone_from`].
+    pub fn release(&mut self) {
+        self.layers.clear();
+        self.len = 0;
+    }
+
     /// Positions already in the cache.
     pub fn len(&self) -> usize {
         self.len

@@ -58,12 +58,28 @@ pub struct StepTimings {
 }
 
 /// A stream's latest backbone state `[dim]`.
-#[derive(Clone)]
 enum Hidden {
     /// In host memory, in a buffer the stream keeps: what a step on host buffers gives.
     Row(Vec<f32>),
     /// A tensor: the prompt's last position, or a step by candle's ops.
     Tensor(Tensor),
+}
+
+impl Clone for Hidden {
+    fn clone(&self) -> Self {
+        match self {
+            Hidden::Row(r) => Hidden::Row(r.clone()),
+            Hidden::Tensor(t) => Hidden::Tensor(t.clone()),
+        }
+    }
+
+    /// A row into the row buffer `self` already has.
+    fn clone_from(&mut self, source: &Self) {
+        match (&mut *self, source) {
+            (Hidden::Row(r), Hidden::Row(from)) => r.clone_from(from),
+            _ => *self = source.clone(),
+        }
+    }
 }
 
 impl Hidden {
@@ -136,6 +152,15 @@ pub struct StepMark {
     timings: StepTimings,
 }
 
+impl StepMark {
+    /// Lets go of the stream's keys and values, keeping the mark's buffers for the next
+    /// [`Generation::mark_into`]: a mark kept between steps must not hold the memory of a
+    /// stream that has ended.
+    pub fn release(&mut self) {
+        self.cache.release();
+    }
+}
+
 impl Voxtral {
     /// The frame stepper that goes on from a prefill.
     pub fn generation<'m>(
@@ -176,11 +201,23 @@ impl Generation<'_> {
         }
     }
 
+    /// [`Self::mark`] into `mark`, reusing its buffers: a server that marks its streams
+    /// before every shared step keeps one mark per stream and allocates nothing.
+    pub fn mark_into(&self, mark: &mut StepMark) {
+        mark.cache.clone_from(&self.cache);
+        mark.hidden.clone_from(&self.hidden);
+        mark.fresh = self.fresh;
+        mark.pending = self.pending;
+        mark.frames = self.frames;
+        mark.finished = self.finished;
+        mark.timings = self.timings;
+    }
+
     /// Back to `mark`. The noise source is not rewound: seeded noise depends only on the
     /// frame index, so the retried frame draws the same values.
-    pub fn restore(&mut self, mark: StepMark) {
-        self.cache = mark.cache;
-        self.hidden = mark.hidden;
+    pub fn restore(&mut self, mark: &StepMark) {
+        self.cache.clone_from(&mark.cache);
+        self.hidden.clone_from(&mark.hidden);
         self.fresh = mark.fresh;
         self.pending = mark.pending;
         self.frames = mark.frames;
