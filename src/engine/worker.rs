@@ -294,11 +294,10 @@ fn step<'m>(shared: &'m Shared, active: &mut [Active<'m>], buffers: &mut StepBuf
         }
         return true;
     }
-    // Each ready job has an utterance (`Active::ready`), so `marks[k]` is the k-th one's.
-    for (k, &i) in ready.iter().enumerate() {
-        let Some(g) = active[i].generation() else {
-            continue;
-        };
+    // `marks[k]` is the k-th ready job's, taken through the step's own view of the jobs.
+    let mut jobs = ReadyJobs { active, ready };
+    for k in 0..jobs.count() {
+        let g = jobs.stream(k);
         match marks.get_mut(k) {
             Some(mark) => g.mark_into(mark),
             None => marks.push(g.mark()),

@@ -399,6 +399,7 @@ impl Voxtral {
             noise,
             values,
         } = s;
+        let d = self.backbone.dim();
         active.clear();
         for i in 0..gens.count() {
             let g = gens.stream(i);
@@ -439,7 +440,6 @@ impl Voxtral {
             // As in `prefill`: on a GPU the step's time is its kernels', not their launches'.
             self.device.synchronize()?;
             let took = t.elapsed();
-            let d = self.backbone.dim();
             for (row, &i) in stepping.iter().enumerate() {
                 let g = gens.stream(i);
                 match &step_tensor {
@@ -481,7 +481,6 @@ impl Voxtral {
             gens.stream(i).fresh = false;
         }
         // Those that end here; the others' codes and rows close up in place.
-        let d = self.backbone.dim();
         going.clear();
         for (k, &i) in with_state.iter().enumerate() {
             let g = gens.stream(i);
@@ -512,14 +511,15 @@ impl Voxtral {
             n.iter_mut().for_each(|v| *v *= scale);
         }
         let cfg = gens.stream(going[0]).cfg_alpha;
+        // Different guidance strengths cannot share a pass.
+        let one_pass = going.iter().all(|&i| gens.stream(i).cfg_alpha == cfg);
         values.clear();
         if on_rows {
             states.truncate(going.len() * d);
-            if going.iter().all(|&i| gens.stream(i).cfg_alpha == cfg) {
+            if one_pass {
                 self.head
                     .integrate_rows(states, noise, cfg, trace, values)?;
             } else {
-                // Different guidance strengths cannot share a pass.
                 let mut x = Vec::new();
                 for (k, &i) in going.iter().enumerate() {
                     let (h, n) = (&states[k * d..][..d], &noise[k * a..][..a]);
@@ -534,10 +534,9 @@ impl Voxtral {
                 _ => self.stack_hidden(gens, going)?,
             };
             let rows: Vec<Vec<f32>> = noise.chunks(a.max(1)).map(<[f32]>::to_vec).collect();
-            let xs = if going.iter().all(|&i| gens.stream(i).cfg_alpha == cfg) {
+            let xs = if one_pass {
                 self.head.integrate_batch(&h, &rows, cfg, trace)?
             } else {
-                // Different guidance strengths cannot share a pass.
                 going
                     .iter()
                     .zip(&rows)
